@@ -1,0 +1,224 @@
+"""Base + refiner "ensemble of experts" generation with compel prompt weighting, as the reference code does."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+
+from sdxl_core.errors import InvalidConfigError
+from sdxl_core.loading import Pipelines
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How an image is made; everything except the prompt, negative prompt, seed and LoRA scale."""
+
+    steps: int = 50
+    guidance_scale: float = 13.0
+    high_noise_frac: float = 0.8
+    width: int = 1024
+    height: int = 1024
+    use_compel: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`InvalidConfigError` naming the setting and the fix; called before any work."""
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InvalidConfigError(f"steps must be an integer >= 1, got {self.steps!r}; pass e.g. --steps 50")
+        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) \
+                or not 0 <= self.guidance_scale <= 100:
+            raise InvalidConfigError(
+                f"guidance_scale must be a finite number in [0, 100], got {self.guidance_scale!r}; "
+                f"SDXL is usually run at 5-13"
+            )
+        if not isinstance(self.high_noise_frac, (int, float)) or not 0 < self.high_noise_frac < 1:
+            raise InvalidConfigError(
+                f"high_noise_frac must lie strictly between 0 and 1, got {self.high_noise_frac!r}; "
+                f"the reference uses 0.8 (the base denoises the first 80%, the refiner the rest)"
+            )
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
+                raise InvalidConfigError(
+                    f"{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value!r}; "
+                    f"try {max(8, (int(value) // 8) * 8) if isinstance(value, (int, float)) else 1024}"
+                )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image (or one batch): prompt, negative prompt (None lets each pipeline use its default), seed(s)."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str | None = None
+    lora_scale: float = 0.0
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    batch_size: int = 1  # images of the same prompt with seeds seed, seed+1, ...
+
+    def check(self) -> None:
+        self.settings.check()
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidConfigError("prompt is empty; pass a non-empty --prompt")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InvalidConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise InvalidConfigError(f"negative_prompt must be a string or None, got {self.negative_prompt!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.batch_size)]
+
+
+@dataclass
+class GenerationOutput:
+    images: list[Any]  # PIL images
+    latents: torch.Tensor | None  # what the base handed to the refiner (None without a refiner)
+    stage_seconds: dict[str, float]
+
+
+class StageClock:
+    """Marks points of a generation on the device's stream; durations are read after one synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def durations(self) -> dict[str, float]:
+        """Seconds from each mark to the next, keyed by the earlier mark's name (summed if repeated)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for (name, a), (_, b) in zip(self.marks, self.marks[1:]):
+            seconds = a.elapsed_time(b) / 1000 if self.cuda else b - a
+            out[name] = out.get(name, 0.0) + seconds
+        return out
+
+
+class PromptEncoder:
+    """Compel embeddings for the base (two encoders, pooled from encoder 2) and the refiner (encoder 2 only)."""
+
+    def __init__(self, pipes: Pipelines):
+        from compel import Compel, ReturnedEmbeddingsType
+
+        kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+        base = pipes.base
+        with contextlib.redirect_stdout(io.StringIO()):  # compel prints a deprecation note for the list form
+            self.base = Compel(
+                tokenizer=[base.tokenizer, base.tokenizer_2],
+                text_encoder=[base.text_encoder, base.text_encoder_2],
+                returned_embeddings_type=kind,
+                requires_pooled=[False, True],
+            )
+        self.refiner = None
+        if pipes.refiner is not None:
+            self.refiner = Compel(
+                tokenizer=pipes.refiner.tokenizer_2,
+                text_encoder=pipes.refiner.text_encoder_2,
+                returned_embeddings_type=kind,
+                requires_pooled=True,
+            )
+
+    @staticmethod
+    def embed(compel: Any, prompt: list[str], negative: list[str] | None) -> dict[str, torch.Tensor | None]:
+        embeds, pooled = compel(prompt)
+        neg_embeds = neg_pooled = None
+        if negative is not None:
+            neg_embeds, pooled_neg = compel(negative)
+            neg_pooled = pooled_neg
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+                "negative_prompt_embeds": neg_embeds, "negative_pooled_prompt_embeds": neg_pooled}
+
+
+def _plain_embeds(prompt: list[str], negative: list[str] | None) -> dict[str, Any]:
+    return {"prompt": prompt, "negative_prompt": negative}
+
+
+def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncoder | None = None,
+             clock: StageClock | None = None) -> GenerationOutput:
+    """Make ``request.batch_size`` images: base to ``high_noise_frac`` in latent space, then the refiner.
+
+    Mirrors the reference notebook call for call: compel embeddings (unless ``use_compel`` is off), one
+    ``torch.Generator(device).manual_seed(seed)`` per stage, ``cross_attention_kwargs={"scale": lora_scale}``
+    on the base only. Without a refiner the base runs all steps and decodes.
+    """
+    request.check()
+    s = request.settings
+    device = pipes.device
+    clock = clock or StageClock(device)
+    prompts = [request.prompt] * request.batch_size
+    negatives = None if request.negative_prompt is None else [request.negative_prompt] * request.batch_size
+
+    clock.mark("text_encoding")
+    if s.use_compel:
+        encoder = encoder or PromptEncoder(pipes)
+        base_text = encoder.embed(encoder.base, prompts, negatives)
+        refiner_text = encoder.embed(encoder.refiner, prompts, negatives) if pipes.refiner is not None else None
+    else:
+        base_text = _plain_embeds(prompts, negatives)
+        refiner_text = base_text
+
+    def generators() -> torch.Generator | list[torch.Generator]:
+        gens = [torch.Generator(device).manual_seed(seed) for seed in request.seeds]
+        return gens[0] if len(gens) == 1 else gens
+
+    clock.mark("base_denoising")
+    common = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, width=s.width, height=s.height)
+    base_kwargs = dict(common, **base_text, generator=generators(),
+                       cross_attention_kwargs={"scale": request.lora_scale})
+    if pipes.refiner is None:
+        latents = None
+        with _vae_mark(pipes.base.vae, clock):
+            images = pipes.base(**base_kwargs).images
+    else:
+        base_kwargs.update(denoising_end=s.high_noise_frac, output_type="latent")
+        latents = pipes.base(**base_kwargs).images
+        clock.mark("refiner_denoising")
+        refiner_kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, **refiner_text,
+                              denoising_start=s.high_noise_frac, image=latents, generator=generators())
+        with _vae_mark(pipes.refiner.vae, clock):
+            images = pipes.refiner(**refiner_kwargs).images
+    clock.mark("end")
+    return GenerationOutput(images=list(images), latents=latents, stage_seconds=clock.durations())
+
+
+@contextlib.contextmanager
+def _vae_mark(vae: Any, clock: StageClock):
+    """Mark ``vae_decode`` when the VAE's ``post_quant_conv`` runs (the first layer of ``decode``)."""
+    layer = getattr(vae, "post_quant_conv", None)
+    if layer is None:
+        yield
+        return
+    handle = layer.register_forward_pre_hook(lambda module, args: clock.mark("vae_decode"))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def with_settings(request: GenerationRequest, **changes: Any) -> GenerationRequest:
+    return replace(request, settings=replace(request.settings, **changes))
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """An empty prompt list or an empty prompt is refused before any model is loaded."""
+    if not prompts:
+        raise InvalidConfigError("the prompt list is empty; give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise InvalidConfigError(f"prompt {i} is empty; remove it or write a prompt")

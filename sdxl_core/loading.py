@@ -1,0 +1,175 @@
+"""Loading SDXL base + refiner exactly as the reference code does, from hub ids or local folders."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdxl_core.errors import InvalidConfigError, ModelNotFoundError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Components the refiner must bring itself; text_encoder_2 and vae come from the base.
+_REFINER_OWN = ("unet", "scheduler", "tokenizer_2")
+_BASE_OWN = ("unet", "scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")
+
+
+@dataclass
+class Pipelines:
+    """A loaded base (and optional refiner) sharing ``text_encoder_2`` and ``vae``, plus where they came from."""
+
+    base: Any  # diffusers.StableDiffusionXLPipeline
+    refiner: Any | None  # diffusers.StableDiffusionXLImg2ImgPipeline
+    base_source: str
+    refiner_source: str | None
+    vae_source: str | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.unet.dtype
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """``None`` means fp16 on CUDA (as the reference code) and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise InvalidConfigError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}") from None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_source(name: str, role: str, required: tuple[str, ...]) -> str:
+    """Check a model reference before loading anything; return what ``from_pretrained`` should get.
+
+    A local folder must hold ``model_index.json`` and the component folders in ``required``. A hub id is
+    passed on; offline, it must already be in the local cache or it fails at once with the fix.
+    """
+    if not name or not str(name).strip():
+        raise ModelNotFoundError(f"--{role} is empty; pass a local diffusers folder, a hub id, or a preset name")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFoundError(
+                f"{role} folder {path} has no model_index.json, so it is not a diffusers pipeline folder; "
+                f"point --{role} at the folder written by save_pretrained (it holds model_index.json and unet/)"
+            )
+        missing = [c for c in required if not (path / c).is_dir()]
+        if missing:
+            raise ModelNotFoundError(
+                f"{role} folder {path} is missing {', '.join(missing)}; "
+                f"copy the complete pipeline folder (save_pretrained writes every component)"
+            )
+        return str(path)
+    if path.exists():
+        raise ModelNotFoundError(f"{role} {path} is a file, not a diffusers pipeline folder")
+    if not _HUB_ID.match(str(name)) or str(name).startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"{role} {name!r} is neither a folder nor a hub id (owner/name); check the path, or use a preset "
+            f"(tiny, sdxl-random)"
+        )
+    if _offline() and not _in_hub_cache(str(name)):
+        raise ModelNotFoundError(
+            f"{role} {name!r} is not available locally and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
+            f"download it once where there is network (huggingface-cli download {name}) or point --{role} at a "
+            f"local diffusers folder"
+        )
+    return str(name)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(repo.repo_id == repo_id for repo in scan_cache_dir().repos)
+    except Exception:  # no cache folder at all
+        return False
+
+
+def load_pipelines(
+    base: str,
+    refiner: str | None = None,
+    vae: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    variant: str | None = None,
+) -> Pipelines:
+    """Load SDXL base (+ refiner) the way the reference notebooks do.
+
+    ``base``/``refiner`` are local diffusers folders or hub ids, or the presets ``tiny`` / ``sdxl-random``.
+    ``vae`` optionally overrides the VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``); the refiner shares the base's
+    ``text_encoder_2`` and ``vae``. Every reference is checked before any weights are read.
+    """
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from sdxl_core import presets
+
+    device = torch.device(device or default_device())
+    torch_dtype = resolve_dtype(dtype, device)
+
+    if base == presets.SDXL_RANDOM:
+        if refiner not in (None, presets.SDXL_RANDOM) or vae is not None:
+            raise InvalidConfigError("sdxl-random builds its own refiner and VAE; drop --refiner/--vae or use folders")
+        b, r = presets.build_sdxl_random(device=device, dtype=torch_dtype, with_refiner=refiner is not None)
+        return Pipelines(b, r, base, refiner, None)
+    if base == presets.TINY:
+        tiny_base, tiny_refiner = presets.ensure_tiny()
+        base = str(tiny_base)
+        refiner = str(tiny_refiner) if refiner == presets.TINY else refiner
+    elif refiner == presets.TINY:
+        raise InvalidConfigError("--refiner tiny only pairs with --base tiny")
+
+    base_src = resolve_source(base, "base", _BASE_OWN)
+    refiner_src = resolve_source(refiner, "refiner", _REFINER_OWN) if refiner is not None else None
+    vae_src = None
+    if vae is not None:
+        vae_src = str(Path(vae).expanduser()) if Path(vae).expanduser().is_dir() else vae
+        if not Path(vae_src).is_dir():
+            resolve_source_hub_only(vae_src, "vae")
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
+    if variant:
+        kwargs["variant"] = variant
+    if vae_src is not None:
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_src, dtype=torch_dtype, use_safetensors=True)
+    base_pipe = DiffusionPipeline.from_pretrained(base_src, **kwargs).to(device)
+    refiner_pipe = None
+    if refiner_src is not None:
+        refiner_kwargs = dict(kwargs, text_encoder_2=base_pipe.text_encoder_2, vae=base_pipe.vae)
+        refiner_pipe = DiffusionPipeline.from_pretrained(refiner_src, **refiner_kwargs).to(device)
+    for pipe in (base_pipe, refiner_pipe):
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+    return Pipelines(base_pipe, refiner_pipe, base_src, refiner_src, vae_src)
+
+
+def resolve_source_hub_only(name: str, role: str) -> None:
+    """Check a single-model hub id (e.g. a VAE) the same way as pipeline ids."""
+    if not _HUB_ID.match(name):
+        raise ModelNotFoundError(f"{role} {name!r} is neither a folder nor a hub id (owner/name)")
+    if _offline() and not _in_hub_cache(name):
+        raise ModelNotFoundError(
+            f"{role} {name!r} is not available locally and HF_HUB_OFFLINE is set; download it where there is "
+            f"network or point --{role} at a local folder holding config.json and the safetensors weights"
+        )

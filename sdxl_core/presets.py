@@ -1,0 +1,247 @@
+"""Built-in model presets: SDXL-architecture pipelines built from configs, with no download.
+
+* ``tiny``: a small SDXL-architecture base + refiner with deterministic seeded weights and the real CLIP
+  tokenizer. It is written once to a cache folder with ``save_pretrained`` and then loaded back through
+  :func:`sdxl_core.loading.load_pipelines`, the same path as real checkpoints.
+* ``sdxl-random``: the full SDXL 1.0 base and refiner architectures (the public configs in
+  ``sdxl_core/configs/sdxl-1.0``) with random weights, built directly on the target device and dtype, for
+  timing and FLOP counting without checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+TINY = "tiny"
+SDXL_RANDOM = "sdxl-random"
+PRESETS = (TINY, SDXL_RANDOM)
+TINY_SEED = 0
+TINY_DEFAULT_SIZE = 128
+# Bumped whenever the tiny configs or the way they are built change, so stale caches are not reused.
+TINY_FORMAT_VERSION = 1
+
+
+def load_config(group: str, name: str) -> dict[str, Any]:
+    """A JSON config shipped in ``sdxl_core/configs/<group>/<name>.json``."""
+    text = resources.files("sdxl_core").joinpath("configs", group, f"{name}.json").read_text()
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class ArchitectureConfigs:
+    """The component configs of an SDXL-architecture base + refiner."""
+
+    group: str  # folder under sdxl_core/configs
+
+    def unet_base(self) -> dict[str, Any]:
+        return load_config(self.group, "unet_base")
+
+    def unet_refiner(self) -> dict[str, Any]:
+        return load_config(self.group, "unet_refiner")
+
+    def vae(self) -> dict[str, Any]:
+        return load_config(self.group, "vae")
+
+    def text_encoder(self) -> dict[str, Any]:
+        return load_config(self.group, "text_encoder_clip_l")
+
+    def text_encoder_2(self) -> dict[str, Any]:
+        return load_config(self.group, "text_encoder_2_bigg")
+
+    def scheduler(self) -> dict[str, Any]:
+        return load_config("sdxl-1.0", "scheduler")
+
+
+SDXL_1_0 = ArchitectureConfigs("sdxl-1.0")
+TINY_CONFIGS = ArchitectureConfigs("tiny")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building components
+# --------------------------------------------------------------------------------------------------
+
+
+def build_components(configs: ArchitectureConfigs, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
+    """Instantiate every model of base + refiner from config on ``device`` (``"meta"`` allocates nothing)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device(device):
+        return {
+            "unet": UNet2DConditionModel.from_config(configs.unet_base()),
+            "unet_refiner": UNet2DConditionModel.from_config(configs.unet_refiner()),
+            "vae": AutoencoderKL.from_config(configs.vae()),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**configs.text_encoder())),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**configs.text_encoder_2())),
+        }
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def architecture_parameter_counts(configs: ArchitectureConfigs = SDXL_1_0) -> dict[str, int]:
+    """Parameter count of each component, built on the meta device (no memory, no weights)."""
+    return {name: count_parameters(m) for name, m in build_components(configs, "meta").items()}
+
+
+# Output layers of residual branches: their init is scaled down so the residual stream stays bounded
+# through SDXL's 70 transformer blocks and the VAE decoder in fp16.
+_RESIDUAL_OUTPUTS = ("to_out.0", "ff.net.2", "conv2", "proj_out", "fc2", "out_proj")
+
+
+@torch.no_grad()
+def init_random_weights_(module: nn.Module, seed: int, residual_gain: float = 0.5) -> nn.Module:
+    """Deterministic, fp16-safe random init, generated in float32 on the module's device.
+
+    Every weight of a linear or convolution layer is drawn from N(0, gain^2 / fan_in) (variance preserving),
+    with ``gain = residual_gain`` on the output layers of residual branches; biases are zero; norm layers
+    are identity; embeddings are N(0, 0.02^2). Each tensor has its own generator seeded from ``seed`` and
+    its name, so the weights do not depend on dtype or on the order of construction.
+    """
+    for name, param in module.named_parameters():
+        device = param.device
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        leaf = name.rsplit(".", 1)[0]
+        if name.endswith("bias"):
+            param.zero_()
+            continue
+        if param.ndim == 1:  # norm weights
+            param.fill_(1.0)
+            continue
+        if "embedding" in name and param.ndim == 2 and "linear" not in name:
+            value = torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32) * 0.02
+        else:
+            fan_in = math.prod(param.shape[1:])
+            gain = residual_gain if leaf.endswith(_RESIDUAL_OUTPUTS) else 1.0
+            value = torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32)
+            value *= gain / math.sqrt(fan_in)
+        param.copy_(value.to(param.dtype))
+    return module
+
+
+def _make_pipelines(parts: dict[str, nn.Module], configs: ArchitectureConfigs):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from sdxl_core.tokenizer import build_clip_tokenizer
+
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
+    base = StableDiffusionXLPipeline(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=tokenizer_2,
+        unet=parts["unet"],
+        scheduler=EulerDiscreteScheduler.from_config(configs.scheduler()),
+        force_zeros_for_empty_prompt=True,
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=parts["vae"],
+        text_encoder=None,
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer=None,
+        tokenizer_2=tokenizer_2,
+        unet=parts["unet_refiner"],
+        scheduler=EulerDiscreteScheduler.from_config(configs.scheduler()),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    return base, refiner
+
+
+def build_sdxl_random(device: torch.device | str = "cuda", dtype: torch.dtype = torch.float16, seed: int = 0,
+                      with_refiner: bool = True):
+    """The full SDXL 1.0 base (+ refiner) with random, fp16-safe weights, built on ``device`` in ``dtype``.
+
+    Returns ``(base, refiner)`` pipelines sharing ``text_encoder_2`` and ``vae``, as the reference code does.
+    """
+    parts = build_components(SDXL_1_0, device)
+    if not with_refiner:
+        del parts["unet_refiner"]
+    for name, module in parts.items():
+        init_random_weights_(module, seed=seed + zlib.crc32(name.encode()))
+        module.to(dtype=dtype).eval().requires_grad_(False)
+    if not with_refiner:
+        parts["unet_refiner"] = None
+    base, refiner = _make_pipelines(parts, SDXL_1_0)
+    return base, (refiner if with_refiner else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny preset: built once, saved, loaded back through the real loading path
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where built presets are cached: ``$SDXL_BENCH_CACHE`` or ``~/.cache/sdxl-bench``."""
+    return Path(os.environ.get("SDXL_BENCH_CACHE", Path.home() / ".cache" / "sdxl-bench")).expanduser()
+
+
+def tiny_fingerprint() -> str:
+    import diffusers
+    import transformers
+
+    payload = json.dumps(
+        {
+            "format": TINY_FORMAT_VERSION,
+            "seed": TINY_SEED,
+            "torch": torch.__version__.split("+")[0],
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "configs": {n: load_config("tiny", n) for n in ("unet_base", "unet_refiner", "vae",
+                                                            "text_encoder_clip_l", "text_encoder_2_bigg")},
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def build_tiny(seed: int = TINY_SEED):
+    """The tiny base + refiner pipelines in float32 on the CPU, weights seeded by ``seed``."""
+    torch.manual_seed(seed)
+    parts = build_components(TINY_CONFIGS, "cpu")
+    for module in parts.values():
+        module.eval().requires_grad_(False)
+    return _make_pipelines(parts, TINY_CONFIGS)
+
+
+def write_tiny(out: str | Path, seed: int = TINY_SEED) -> tuple[Path, Path]:
+    """Write the tiny checkpoints as diffusers folders ``out/base`` and ``out/refiner``."""
+    out = Path(out)
+    base, refiner = build_tiny(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    base.save_pretrained(out / "base", safe_serialization=True)
+    refiner.save_pretrained(out / "refiner", safe_serialization=True)
+    return out / "base", out / "refiner"
+
+
+def ensure_tiny() -> tuple[Path, Path]:
+    """Folders of the cached tiny checkpoints, building and saving them the first time (atomically)."""
+    final = cache_root() / f"tiny-{tiny_fingerprint()}"
+    if not (final / "refiner" / "model_index.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
+        try:
+            write_tiny(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process finished first
+                if not (final / "refiner" / "model_index.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "base", final / "refiner"
