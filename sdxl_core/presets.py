@@ -149,6 +149,8 @@ def _make_pipelines(parts: dict[str, nn.Module], configs: ArchitectureConfigs):
         scheduler=EulerDiscreteScheduler.from_config(configs.scheduler()),
         force_zeros_for_empty_prompt=True,
     )
+    if parts.get("unet_refiner") is None:
+        return base, None
     refiner = StableDiffusionXLImg2ImgPipeline(
         vae=parts["vae"],
         text_encoder=None,
@@ -164,21 +166,20 @@ def _make_pipelines(parts: dict[str, nn.Module], configs: ArchitectureConfigs):
 
 
 def build_sdxl_random(device: torch.device | str = "cuda", dtype: torch.dtype = torch.float16, seed: int = 0,
-                      with_refiner: bool = True):
+                      with_refiner: bool = True, configs: ArchitectureConfigs = SDXL_1_0):
     """The full SDXL 1.0 base (+ refiner) with random, fp16-safe weights, built on ``device`` in ``dtype``.
 
     Returns ``(base, refiner)`` pipelines sharing ``text_encoder_2`` and ``vae``, as the reference code does.
+    ``configs`` exists so tests can run this exact path on the tiny architecture.
     """
-    parts = build_components(SDXL_1_0, device)
-    if not with_refiner:
-        del parts["unet_refiner"]
-    for name, module in parts.items():
-        init_random_weights_(module, seed=seed + zlib.crc32(name.encode()))
-        module.to(dtype=dtype).eval().requires_grad_(False)
+    parts: dict[str, nn.Module | None] = dict(build_components(configs, device))
     if not with_refiner:
         parts["unet_refiner"] = None
-    base, refiner = _make_pipelines(parts, SDXL_1_0)
-    return base, (refiner if with_refiner else None)
+    for name, module in parts.items():
+        if module is not None:
+            init_random_weights_(module, seed=seed + zlib.crc32(name.encode()))
+            module.to(dtype=dtype).eval().requires_grad_(False)
+    return _make_pipelines(parts, configs)
 
 
 # --------------------------------------------------------------------------------------------------

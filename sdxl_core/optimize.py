@@ -1,0 +1,125 @@
+"""Optimisation levels for base + refiner generation, each a frozen, named recipe applied to loaded pipelines.
+
+The levels are cumulative, from ``eager`` (fp16, classic attention, fp32 VAE upcast: the reference code with
+diffusers' pre-PyTorch-2 attention) to ``cudagraphs`` (everything, plus ``torch.compile`` with CUDA graphs).
+Each is checked against ``eager`` on the same seed by the speed suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from sdxl_core.errors import InvalidConfigError
+from sdxl_core.loading import DTYPES, Pipelines
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+@dataclass(frozen=True)
+class OptimizationLevel:
+    """One recipe. ``vae_upcast`` is the stock SDXL VAE's fp32 upcast in fp16; turning it off decodes in the
+    pipeline dtype, which the fp16-fix VAE makes safe in fp16 (and bf16's range makes safe anyway)."""
+
+    name: str
+    description: str
+    dtype: str = "float16"
+    sdpa: bool = False
+    channels_last: bool = False
+    fused_qkv: bool = False
+    vae_upcast: bool = True
+    compile_mode: str | None = None
+    fuse_lora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidConfigError(f"level {self.name}: unknown dtype {self.dtype!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise InvalidConfigError(f"level {self.name}: compile_mode must be one of {COMPILE_MODES}")
+        if self.fused_qkv and not self.sdpa:
+            raise InvalidConfigError(f"level {self.name}: fused QKV projections use SDPA; set sdpa=True")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _levels() -> tuple[OptimizationLevel, ...]:
+    eager = OptimizationLevel("eager", "fp16, classic attention (AttnProcessor), fp32 VAE upcast, LoRA unfused")
+    sdpa = replace(eager, name="sdpa", description="+ PyTorch SDPA attention (diffusers' default on torch 2)",
+                   sdpa=True)
+    bf16 = replace(sdpa, name="bf16", description="+ bfloat16 weights and activations", dtype="bfloat16")
+    cl = replace(bf16, name="channels_last", description="+ channels_last memory format for UNets and VAE",
+                 channels_last=True)
+    fused = replace(cl, name="fused_qkv", description="+ fused QKV projections (UNets and VAE)", fused_qkv=True)
+    vae = replace(fused, name="vae_no_upcast",
+                  description="+ VAE decodes in the pipeline dtype (fp16-fix VAE) instead of an fp32 upcast",
+                  vae_upcast=False)
+    comp = replace(vae, name="compile",
+                   description="+ torch.compile(fullgraph) of both UNets and the VAE decoder, inductor default mode",
+                   compile_mode="default")
+    graphs = replace(comp, name="cudagraphs", description="+ CUDA graphs (torch.compile mode reduce-overhead)",
+                     compile_mode="reduce-overhead")
+    return (eager, sdpa, bf16, cl, fused, vae, comp, graphs)
+
+
+LEVELS: dict[str, OptimizationLevel] = {level.name: level for level in _levels()}
+
+
+def get_level(name: str) -> OptimizationLevel:
+    try:
+        return LEVELS[name]
+    except KeyError:
+        raise InvalidConfigError(f"unknown optimisation level {name!r}; choose from {', '.join(LEVELS)}") from None
+
+
+def _modules(pipes: Pipelines) -> dict[str, Any]:
+    mods = {"unet": pipes.base.unet, "vae": pipes.base.vae, "text_encoder": pipes.base.text_encoder,
+            "text_encoder_2": pipes.base.text_encoder_2}
+    if pipes.refiner is not None:
+        mods["unet_refiner"] = pipes.refiner.unet
+    return mods
+
+
+def configure_inductor() -> None:
+    """Inductor settings that pay for UNets (from PyTorch's "Diffusion, Fast" recipe): 1x1 convs as matmuls."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.conv_1x1_as_mm = True
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
+    """Apply ``level`` to ``pipes`` in place (dtype, attention, layout, fusion, VAE upcast, compile)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    mods = _modules(pipes)
+    for module in mods.values():
+        module.to(dtype=level.torch_dtype)
+    unets = [mods["unet"]] + ([mods["unet_refiner"]] if "unet_refiner" in mods else [])
+    for module in unets + [mods["vae"]]:
+        module.set_attn_processor(AttnProcessor2_0() if level.sdpa else AttnProcessor())
+    if level.channels_last:
+        for module in unets + [mods["vae"]]:
+            module.to(memory_format=torch.channels_last)
+    if level.fused_qkv:
+        pipes.base.fuse_qkv_projections(unet=True, vae=True)
+        if pipes.refiner is not None:
+            pipes.refiner.fuse_qkv_projections(unet=True, vae=False)  # the VAE is shared and already fused
+    mods["vae"].register_to_config(force_upcast=level.vae_upcast)
+    if level.fuse_lora and getattr(pipes.base, "get_list_adapters", None) and pipes.base.get_list_adapters():
+        pipes.base.fuse_lora(components=["unet"], lora_scale=1.0)
+        pipes.base.unload_lora_weights()
+    if level.compile_mode is not None:
+        configure_inductor()
+        mode = None if level.compile_mode == "default" else level.compile_mode
+        # dynamic=False: every batch size gets its own static graph rather than a slower symbolic one.
+        for module in unets:
+            module.compile(fullgraph=True, mode=mode, dynamic=False)
+        mods["vae"].decoder.compile(fullgraph=True, mode=mode, dynamic=False)
+    return pipes

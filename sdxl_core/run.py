@@ -1,0 +1,457 @@
+"""``sdxl-bench run``: every prompt x seed x variant through base + refiner, into a resumable run folder.
+
+A run folder ``<run_dir>/<run_id>/`` holds
+
+* ``config.json``: the resolved configuration (written atomically before any image);
+* ``images/<variant>/<prompt_index>-<seed>.png``: each image, written atomically;
+* ``results.jsonl``: one complete JSON line per image, appended as it finishes (``status`` ``ok`` or
+  ``error`` with its ``message``; a failed image does not stop the run);
+* ``report.html``: rendered from the two files above by :mod:`sdxl_core.report`.
+
+Running again with the same ``run_id`` (and the same configuration) skips every image that has an ``ok``
+line and its file, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import fcntl
+import os
+import platform
+import re
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from sdxl_core.atomicio import append_json_line, write_json_atomic, write_png_atomic
+from sdxl_core.errors import InvalidConfigError, SdxlBenchError
+from sdxl_core.generate import GenerationRequest, GenerationSettings, PromptEncoder, check_prompts, generate
+from sdxl_core.loading import load_pipelines, resolve_dtype, default_device
+from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
+from sdxl_core.run_args import DEFAULT_RUN_DIR
+from sdxl_core.prompts_default import DEFAULT_PROMPTS, read_prompts_file
+from sdxl_core.report import CONFIG_FILE, RESULTS_FILE, latest_results, load_config, render_report
+from sdxl_core.variants import (DEFAULT_WITH_LORA, DEFAULT_WITHOUT_LORA, Variant, check_variant_names, get_variant,
+                                parse_variant_list)
+
+SCHEMA_VERSION = 1
+LORA_ADAPTER = "lora"
+TINY_DEFAULT_STEPS = 20
+WARMUP_STEPS = 4
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MAX_MESSAGE = 2000
+_RESUME_IGNORES = ("warmup",)  # config keys that do not change an image and may differ on resume
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs. ``variants=None`` means the default list (see :func:`resolve_variants`);
+    ``run_id=None`` means a new id from the current time; ``run_dir`` is the folder that holds run folders."""
+
+    base: str = TINY
+    refiner: str | None = TINY
+    vae: str | None = None
+    lora: str | None = None
+    variants: tuple[str, ...] | None = None
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    seeds: tuple[int, ...] = (0, 1)
+    settings: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(steps=TINY_DEFAULT_STEPS, width=TINY_DEFAULT_SIZE,
+                                                   height=TINY_DEFAULT_SIZE))
+    device: str | None = None
+    dtype: str | None = None
+    run_dir: str = DEFAULT_RUN_DIR
+    run_id: str | None = None
+    weights_variant: str | None = None  # e.g. "fp16" for the hub SDXL repos (not a run variant)
+    warmup: bool = True  # one short untimed generation first, so the first image's time is not the set-up's
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    config: RunConfig
+    run_id: str
+    folder: Path
+    variants: tuple[Variant, ...]
+    variants_note: str | None
+    device: str
+    dtype: str
+    lora: str | None
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation (nothing here loads a model)
+# ------------------------------------------------------------------------------------------------
+
+
+def check_run_id(run_id: Any) -> str:
+    """A run id names one folder under the run root: letters, digits, ``.``, ``_``, ``-``; no path tricks."""
+    if not isinstance(run_id, str) or not run_id:
+        raise InvalidConfigError(f"run id must be a non-empty string, got {run_id!r}")
+    if "\0" in run_id or "/" in run_id or "\\" in run_id or ".." in run_id or os.path.isabs(run_id) \
+            or not _RUN_ID.match(run_id):
+        raise InvalidConfigError(
+            f"run id {run_id!r} is not a plain folder name; use 1-128 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit, without '..' (e.g. --run-id wolf-test-1)")
+    return run_id
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def check_seeds(seeds: Any) -> tuple[int, ...]:
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
+        raise InvalidConfigError(f"seeds must be a non-empty list of integers, got {seeds!r}; pass e.g. --seeds 0,1")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
+            raise InvalidConfigError(f"seed {s!r} is not a non-negative integer; pass e.g. --seeds 0,1")
+    duplicates = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if duplicates:
+        raise InvalidConfigError(f"seed(s) {', '.join(map(str, duplicates))} listed more than once")
+    return tuple(seeds)
+
+
+def resolve_variants(names: Sequence[str] | None, has_lora: bool) -> tuple[tuple[Variant, ...], str | None]:
+    """The variants to render and a note saying what was left out by default.
+
+    Not named: all three with a LoRA, ``baseline`` and ``wrong_negative`` without one (the note says so).
+    Named: exactly those; ``wrong_lora`` without a LoRA is refused, naming ``--lora``.
+    """
+    if names is None:
+        if has_lora:
+            return tuple(get_variant(n) for n in DEFAULT_WITH_LORA), None
+        note = ("no --lora given, so the default variants are baseline and wrong_negative; "
+                "wrong_lora needs --lora PATH (a LoRA .safetensors for the base)")
+        return tuple(get_variant(n) for n in DEFAULT_WITHOUT_LORA), note
+    if isinstance(names, str):
+        names = parse_variant_list(names)
+    variants = tuple(get_variant(n) for n in check_variant_names(tuple(names)))
+    needing = [v.name for v in variants if v.needs_lora]
+    if needing and not has_lora:
+        raise InvalidConfigError(
+            f"variant {', '.join(needing)} applies a LoRA to the base, but no LoRA was given; pass "
+            f"--lora PATH (a LoRA .safetensors, e.g. the 'wrong' LoRA) or drop it from --variants")
+    return variants, None
+
+
+def check_lora_path(lora: str | None) -> str | None:
+    if lora is None:
+        return None
+    if not isinstance(lora, str) or not lora.strip():
+        raise InvalidConfigError("--lora is empty; give the path of a LoRA .safetensors file")
+    path = Path(lora).expanduser()
+    if path.is_dir() and (path / "pytorch_lora_weights.safetensors").is_file():
+        return str(path.resolve())
+    if not path.is_file():
+        raise InvalidConfigError(
+            f"--lora {lora!r} is not a file; give the path of a LoRA .safetensors file (such as "
+            f"pytorch_lora_weights.safetensors) or a folder holding pytorch_lora_weights.safetensors")
+    return str(path.resolve())
+
+
+def resolve_run(config: RunConfig) -> ResolvedRun:
+    """Check every part of ``config`` and resolve the defaults; raises before any model is touched."""
+    import torch
+
+    if not isinstance(config.base, str) or not config.base.strip():
+        raise InvalidConfigError("--base is empty; give tiny, a hub id or a diffusers folder")
+    if config.refiner is not None and (not isinstance(config.refiner, str) or not config.refiner.strip()):
+        raise InvalidConfigError("--refiner is empty; give tiny, a hub id or a diffusers folder, or leave it out")
+    if not isinstance(config.settings, GenerationSettings):
+        raise InvalidConfigError(f"settings must be a GenerationSettings, got {type(config.settings).__name__}")
+    config.settings.check()
+    if isinstance(config.prompts, str):
+        raise InvalidConfigError("prompts must be a list of strings, not one string")
+    check_prompts(list(config.prompts))
+    seeds = check_seeds(config.seeds)
+    lora = check_lora_path(config.lora)
+    variants, note = resolve_variants(config.variants, lora is not None)
+    run_id = check_run_id(config.run_id) if config.run_id is not None else new_run_id()
+    if not isinstance(config.run_dir, (str, os.PathLike)) or not str(config.run_dir).strip() \
+            or "\0" in str(config.run_dir):
+        raise InvalidConfigError(f"--run-dir {config.run_dir!r} is not a usable folder path")
+    root = Path(config.run_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InvalidConfigError(f"--run-dir {str(root)!r} is a file; give a folder")
+    try:
+        device = torch.device(config.device or default_device())
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidConfigError(f"--device {config.device!r} is not a device ({exc}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError(f"--device {config.device} asks for CUDA, but no CUDA device is available; use --device cpu")
+    dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
+    resolved_config = replace(config, prompts=tuple(config.prompts), seeds=seeds, run_id=run_id,
+                              variants=tuple(v.name for v in variants))
+    return ResolvedRun(resolved_config, run_id, root / run_id, variants, note, str(device), dtype, lora)
+
+
+def config_document(run: ResolvedRun) -> dict[str, Any]:
+    """What ``config.json`` holds; only its ``config`` part must match when a run is resumed."""
+    c = run.config
+    return {
+        "schema": SCHEMA_VERSION,
+        "run_id": run.run_id,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": {
+            "base": c.base,
+            "refiner": c.refiner,
+            "vae": c.vae,
+            "weights_variant": c.weights_variant,
+            "lora": run.lora,
+            "variants": [asdict(v) for v in run.variants],
+            "variants_note": run.variants_note,
+            "prompts": list(c.prompts),
+            "seeds": list(c.seeds),
+            "settings": asdict(c.settings),
+            "device": run.device,
+            "dtype": run.dtype,
+            "warmup": c.warmup,
+        },
+        "environment": _environment(),
+    }
+
+
+def _environment() -> dict[str, str]:
+    env = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "compel", "peft"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # a missing package shows as absent, the run fails later where it is needed
+            pass
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    variant: Variant
+    prompt_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def file(self) -> str:
+        return f"images/{self.variant.name}/{self.prompt_index}-{self.seed}.png"
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.variant.name, self.prompt_index, self.seed)
+
+
+def work_items(run: ResolvedRun) -> list[WorkItem]:
+    """Prompt-major order, so an interrupted run has whole comparison rows."""
+    return [WorkItem(v, i, p, s) for i, p in enumerate(run.config.prompts) for s in run.config.seeds
+            for v in run.variants]
+
+
+def pending_items(run: ResolvedRun) -> list[WorkItem]:
+    """Items without an ``ok`` result line whose image file exists."""
+    latest = latest_results(run.folder)
+    pending = []
+    for item in work_items(run):
+        row = latest.get(item.key)
+        done = (row is not None and row.get("status") == "ok" and row.get("prompt") == item.prompt
+                and isinstance(row.get("file"), str) and (run.folder / row["file"]).is_file())
+        if not done:
+            pending.append(item)
+    return pending
+
+
+class _RunLock:
+    """An exclusive lock on the run folder, so two processes never write the same run."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_RunLock":
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise InvalidConfigError(
+                f"run folder {self.path.parent} is in use by another sdxl-bench process; wait for it or "
+                f"use another --run-id") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _check_resume(folder: Path, document: dict[str, Any]) -> None:
+    """A second run with the same id must ask for the same thing, or its images would be mixed up."""
+    path = folder / CONFIG_FILE
+    if not path.exists():
+        return
+    old = load_config(folder)["config"]
+    new = document["config"]
+    differs = sorted(k for k in set(old) | set(new) if k not in _RESUME_IGNORES and old.get(k) != new.get(k))
+    if differs:
+        raise InvalidConfigError(
+            f"run {folder.name} already exists in {folder.parent} with a different configuration "
+            f"({', '.join(differs)} differ); resume it with the same settings or pick a new --run-id")
+
+
+def _log(message: str) -> None:
+    print(f"sdxl-bench run: {message}", file=sys.stderr, flush=True)
+
+
+def run_job(config: RunConfig, progress: bool = True) -> Path:
+    """Render every pending image of ``config`` into its run folder and return the path of report.html."""
+    run = resolve_run(config)  # everything is checked before a folder is made or a model loaded
+    run.folder.mkdir(parents=True, exist_ok=True)
+    with _RunLock(run.folder):
+        document = config_document(run)
+        _check_resume(run.folder, document)
+        if not (run.folder / CONFIG_FILE).exists():
+            write_json_atomic(run.folder / CONFIG_FILE, document)
+        if run.variants_note:
+            _log(run.variants_note)
+        pending = pending_items(run)
+        total = len(work_items(run))
+        if len(pending) < total:
+            _log(f"resuming run {run.run_id}: {total - len(pending)} of {total} images already done")
+        try:
+            if pending:
+                _render(run, pending, progress)
+        finally:
+            report = render_report(run.folder)
+    return report
+
+
+def _render(run: ResolvedRun, pending: list[WorkItem], progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    c = run.config
+    pipes = load_pipelines(c.base, c.refiner, c.vae, run.device, run.dtype, c.weights_variant)
+    if run.lora is not None:
+        try:
+            pipes.base.load_lora_weights(run.lora, adapter_name=LORA_ADAPTER)
+        except Exception as exc:
+            raise InvalidConfigError(f"--lora {run.lora!r} could not be loaded on the base: {exc}") from exc
+    encoder = PromptEncoder(pipes) if c.settings.use_compel else None
+    if c.warmup:
+        _warm_up(pipes, encoder, run, pending[0])
+    results = run.folder / RESULTS_FILE
+    with tqdm(total=len(pending), desc=f"run {run.run_id}", unit="img", disable=not progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for item in pending:
+            bar.set_postfix_str(f"{item.variant.name} #{item.prompt_index} seed {item.seed}")
+            append_json_line(results, _render_one(pipes, encoder, run, item))
+            bar.update(1)
+
+
+def _request(run: ResolvedRun, item: WorkItem, settings: GenerationSettings | None = None) -> GenerationRequest:
+    return GenerationRequest(prompt=item.prompt, seed=item.seed, negative_prompt=item.variant.negative_prompt,
+                             lora_scale=item.variant.lora_scale, settings=settings or run.config.settings)
+
+
+def _warm_up(pipes: Any, encoder: Any, run: ResolvedRun, item: WorkItem) -> None:
+    """One short generation at the run's size, untimed and unsaved: first-call set-up is not an image's time."""
+    settings = replace(run.config.settings, steps=min(run.config.settings.steps, WARMUP_STEPS))
+    try:
+        generate(pipes, _request(run, item, settings), encoder)
+    except Exception as exc:  # the real images will record the error
+        _log(f"warm-up failed ({type(exc).__name__}: {exc}); continuing")
+
+
+def _render_one(pipes: Any, encoder: Any, run: ResolvedRun, item: WorkItem) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "variant": item.variant.name,
+        "prompt_index": item.prompt_index,
+        "prompt": item.prompt,
+        "seed": item.seed,
+        "negative_prompt": item.variant.negative_prompt,
+        "lora_scale": item.variant.lora_scale,
+        "file": None,
+        "seconds": None,
+        "stage_seconds": {},
+        "status": "error",
+        "message": None,
+    }
+    t0 = time.perf_counter()
+    try:
+        output = generate(pipes, _request(run, item), encoder)
+        seconds = time.perf_counter() - t0
+        write_png_atomic(run.folder / item.file, output.images[0])
+        row.update(file=item.file, seconds=round(seconds, 4),
+                   stage_seconds={k: round(v, 4) for k, v in output.stage_seconds.items()}, status="ok")
+    except Exception as exc:  # one failing image is recorded and the run goes on
+        message = f"{type(exc).__name__}: {exc}"
+        row.update(seconds=round(time.perf_counter() - t0, 4), message=message[:_MAX_MESSAGE])
+    row["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return row
+
+
+def summarize(run_dir: str | Path) -> dict[str, int]:
+    """Counts of ok, error and not-yet-run images of a run folder, from its JSON files."""
+    data = load_config(run_dir)["config"]
+    latest = latest_results(run_dir)
+    counts = {"ok": 0, "error": 0, "missing": 0}
+    for v in data.get("variants", []):
+        for i in range(len(data.get("prompts", []))):
+            for s in data.get("seeds", []):
+                row = latest.get((v["name"], i, s))
+                counts["missing" if row is None else "ok" if row.get("status") == "ok" else "error"] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidConfigError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1") from None
+    return check_seeds(seeds)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A RunConfig from ``sdxl-bench run`` arguments; tiny gets tiny defaults (128 px, 20 steps)."""
+    base = args.base or TINY
+    refiner = args.refiner
+    if refiner is None:
+        refiner = TINY if base == TINY else None
+    elif refiner.lower() == "none":
+        refiner = None
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else DEFAULT_PROMPTS
+    if args.num_prompts is not None:
+        if args.num_prompts < 1 or args.num_prompts > len(prompts):
+            raise InvalidConfigError(
+                f"--num-prompts {args.num_prompts} is out of range; there are {len(prompts)} prompts")
+        prompts = prompts[: args.num_prompts]
+    size = args.size if args.size is not None else (TINY_DEFAULT_SIZE if base == TINY else 1024)
+    steps = args.steps if args.steps is not None else (TINY_DEFAULT_STEPS if base == TINY else 50)
+    settings = GenerationSettings(steps=steps, guidance_scale=args.guidance_scale, high_noise_frac=args.high_noise_frac,
+                                  width=size, height=size, use_compel=not args.no_compel)
+    return RunConfig(
+        base=base, refiner=refiner, vae=args.vae, lora=args.lora,
+        variants=parse_variant_list(args.variants) if args.variants is not None else None,
+        prompts=tuple(prompts), seeds=parse_seeds(args.seeds), settings=settings,
+        device=args.device, dtype=args.dtype, run_dir=args.run_dir, run_id=args.run_id,
+        weights_variant=args.variant, warmup=not args.no_warmup)
+
+
+def main_run(args: argparse.Namespace) -> int:
+    """Run, print a summary to stderr and the report path as the last line of stdout; 1 if any image failed."""
+    report = run_job(config_from_args(args))
+    counts = summarize(report.parent)
+    _log(f"{counts['ok']} images ok, {counts['error']} failed, {counts['missing']} not run; report:")
+    print(report, flush=True)
+    return 1 if counts["error"] or counts["missing"] else 0
