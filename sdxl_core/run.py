@@ -67,7 +67,7 @@ class RunConfig:
     run_dir: str = DEFAULT_RUN_DIR
     run_id: str | None = None
     weights_variant: str | None = None  # e.g. "fp16" for the hub SDXL repos (not a run variant)
-    warmup: bool = True  # one short untimed generation first, so the first image's time is not the set-up's
+    warmup: bool = True  # a short untimed generation per variant first, so set-up is not an image's time
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,11 @@ def _render(run: ResolvedRun, pending: list[WorkItem], progress: bool) -> None:
             raise InvalidConfigError(f"--lora {run.lora!r} could not be loaded on the base: {exc}") from exc
     encoder = PromptEncoder(pipes) if c.settings.use_compel else None
     if c.warmup:
-        _warm_up(pipes, encoder, run, pending[0])
+        first_of_each: dict[str, WorkItem] = {}
+        for item in pending:
+            first_of_each.setdefault(item.variant.name, item)
+        for item in first_of_each.values():
+            _warm_up(pipes, encoder, run, item)
     results = run.folder / RESULTS_FILE
     with tqdm(total=len(pending), desc=f"run {run.run_id}", unit="img", disable=not progress,
               file=sys.stderr, dynamic_ncols=True) as bar:
@@ -360,7 +364,8 @@ def _request(run: ResolvedRun, item: WorkItem, settings: GenerationSettings | No
 
 
 def _warm_up(pipes: Any, encoder: Any, run: ResolvedRun, item: WorkItem) -> None:
-    """One short generation at the run's size, untimed and unsaved: first-call set-up is not an image's time."""
+    """One short generation at the run's size, untimed and unsaved, per variant (negative prompt and LoRA
+    scale take different code paths): first-call set-up is not counted in any image's time."""
     settings = replace(run.config.settings, steps=min(run.config.settings.steps, WARMUP_STEPS))
     try:
         generate(pipes, _request(run, item, settings), encoder)
