@@ -216,11 +216,13 @@ def config_document(run: ResolvedRun) -> dict[str, Any]:
 
 
 def _environment() -> dict[str, str]:
+    from importlib import metadata
+
     env = {"python": platform.python_version()}
     for name in ("torch", "diffusers", "transformers", "compel", "peft"):
         try:
-            env[name] = __import__(name).__version__
-        except Exception:  # a missing package shows as absent, the run fails later where it is needed
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # shown as absent; the run fails later where it is needed
             pass
     return env
 
@@ -336,7 +338,8 @@ def _render(run: ResolvedRun, pending: list[WorkItem], progress: bool) -> None:
     from tqdm.auto import tqdm
 
     c = run.config
-    pipes = load_pipelines(c.base, c.refiner, c.vae, run.device, run.dtype, c.weights_variant)
+    pipes = load_pipelines(c.base, c.refiner, vae=c.vae, device=run.device, dtype=run.dtype,
+                           variant=c.weights_variant)
     if run.lora is not None:
         try:
             pipes.base.load_lora_weights(run.lora, adapter_name=LORA_ADAPTER)
