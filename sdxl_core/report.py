@@ -178,9 +178,19 @@ def _cell(row: dict[str, Any] | None, variant: Any, idx: int, seed: Any) -> str:
         return '<td class="cell missing">not run</td>'
     if row.get("status") != "ok":
         return f'<td class="cell error">error: {_e(row.get("message") or "unknown error")}</td>'
+    file = row.get("file")
+    seconds = f'<div class="meta">{_fmt_seconds(row.get("seconds"))}</div>'
+    if not _is_image_link(file):
+        return f'<td class="cell error">not a run image path: {_e(file)}{seconds}</td>'
     alt = f"{variant} prompt {idx} seed {seed}"
-    return (f'<td class="cell"><a href="{_e(row.get("file"))}"><img src="{_e(row.get("file"))}" alt="{_e(alt)}" '
-            f'loading="lazy"></a><div class="meta">{_fmt_seconds(row.get("seconds"))}</div></td>')
+    return (f'<td class="cell"><a href="{_e(file)}"><img src="{_e(file)}" alt="{_e(alt)}" '
+            f'loading="lazy"></a>{seconds}</td>')
+
+
+def _is_image_link(file: Any) -> bool:
+    """Only relative paths inside ``images/`` become links (no schemes such as ``javascript:``, no ``..``)."""
+    return (isinstance(file, str) and file.startswith("images/") and ":" not in file and "\\" not in file
+            and ".." not in file.split("/"))
 
 
 def render_report(run_dir: str | Path) -> Path:

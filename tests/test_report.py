@@ -85,3 +85,14 @@ def test_latest_result_wins_but_ok_is_never_replaced_by_error(tmp_path):
 def test_report_needs_a_config(tmp_path):
     with pytest.raises(InvalidConfigError, match="config.json"):
         render_report(tmp_path)
+
+
+def test_only_run_image_paths_become_links(tmp_path):
+    bad = _row("baseline", 0, 0)
+    bad["file"] = "javascript:alert(1)"
+    outside = _row("baseline", 0, 1)
+    outside["file"] = "images/../../secret.png"
+    _write_run(tmp_path / "r", [bad, outside], prompts=("a wolf",))
+    html = render_report(tmp_path / "r").read_text()
+    assert 'href="javascript' not in html and 'src="images/../' not in html
+    assert html.count("not a run image path") == 2

@@ -147,6 +147,7 @@ def test_run_folder_layout(tmp_path, fakes):
     doc = json.loads((folder / "config.json").read_text())
     assert doc["run_id"] == "r1" and doc["config"]["prompts"] == ["a wolf", "an eye"]
     assert doc["config"]["settings"]["steps"] == 4 and doc["config"]["device"] == "cpu"
+    assert {"python", "torch", "diffusers", "compel"} <= set(doc["environment"])
     result = rows(folder)
     assert len(result) == 2 * 2 * 2
     for r in result:
