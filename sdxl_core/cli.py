@@ -70,7 +70,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.lora and not Path(args.lora).is_file():
         raise SdxlBenchError(f"--lora {args.lora!r} is not a file; give the path of pytorch_lora_weights.safetensors")
     t0 = time.perf_counter()
-    pipes = load_pipelines(args.base, args.refiner, args.vae, args.device, args.dtype, args.variant)
+    pipes = load_pipelines(args.base, args.refiner, vae=args.vae, device=args.device, dtype=args.dtype,
+                           variant=args.variant)
     if args.lora:
         pipes.base.load_lora_weights(args.lora, adapter_name="lora")
     t1 = time.perf_counter()
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=None, help="skip cases that cannot finish within this")
+    p.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 activation-range check")
     p.add_argument("--out", required=True, help="result JSON (rewritten after every case)")
     p.set_defaults(fn=cmd_speed)
 

@@ -145,6 +145,17 @@ class PromptEncoder:
                 "negative_prompt_embeds": neg_embeds, "negative_pooled_prompt_embeds": neg_pooled}
 
 
+def refiner_embeds_from_base(base_text: dict[str, Any], width: int) -> dict[str, Any]:
+    """The refiner's compel embeddings taken from the base's: the base concatenates CLIP-L and bigG penultimate
+    states along the feature axis, and the refiner's single-encoder compel on the same (shared) bigG encoder
+    computes exactly the last ``width`` features; the pooled embeddings are the same tensor."""
+    out = dict(base_text)
+    for key in ("prompt_embeds", "negative_prompt_embeds"):
+        if out[key] is not None:
+            out[key] = out[key][..., -width:]
+    return out
+
+
 def _plain_embeds(prompt: list[str], negative: list[str] | None) -> dict[str, Any]:
     return {"prompt": prompt, "negative_prompt": negative}
 
@@ -168,7 +179,12 @@ def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncode
     if s.use_compel:
         encoder = encoder or PromptEncoder(pipes)
         base_text = encoder.embed(encoder.base, prompts, negatives)
-        refiner_text = encoder.embed(encoder.refiner, prompts, negatives) if pipes.refiner is not None else None
+        if pipes.refiner is None:
+            refiner_text = None
+        elif pipes.share_text_embeddings:
+            refiner_text = refiner_embeds_from_base(base_text, pipes.refiner.text_encoder_2.config.hidden_size)
+        else:
+            refiner_text = encoder.embed(encoder.refiner, prompts, negatives)
     else:
         base_text = _plain_embeds(prompts, negatives)
         refiner_text = base_text

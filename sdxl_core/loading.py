@@ -29,6 +29,9 @@ class Pipelines:
     base_source: str
     refiner_source: str | None
     vae_source: str | None
+    # The refiner takes its text_encoder_2 embeddings from the base's compel output instead of encoding
+    # the prompt again (they are the same computation on the same shared encoder).
+    share_text_embeddings: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -110,6 +113,7 @@ def _in_hub_cache(repo_id: str) -> bool:
 def load_pipelines(
     base: str,
     refiner: str | None = None,
+    *,
     vae: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -132,6 +136,9 @@ def load_pipelines(
         if refiner not in (None, presets.SDXL_RANDOM) or vae is not None:
             raise InvalidConfigError("sdxl-random builds its own refiner and VAE; drop --refiner/--vae or use folders")
         b, r = presets.build_sdxl_random(device=device, dtype=torch_dtype, with_refiner=refiner is not None)
+        for pipe in (b, r):
+            if pipe is not None:
+                pipe.set_progress_bar_config(disable=True)
         return Pipelines(b, r, base, refiner, None)
     if base == presets.TINY:
         tiny_base, tiny_refiner = presets.ensure_tiny()

@@ -32,6 +32,8 @@ class OptimizationLevel:
     vae_upcast: bool = True
     compile_mode: str | None = None
     fuse_lora: bool = False
+    compile_text_encoders: bool = False
+    share_text_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -65,7 +67,11 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                    compile_mode="default")
     graphs = replace(comp, name="cudagraphs", description="+ CUDA graphs (torch.compile mode reduce-overhead)",
                      compile_mode="reduce-overhead")
-    return (eager, sdpa, bf16, cl, fused, vae, comp, graphs)
+    best = replace(graphs, name="max",
+                   description="+ text encoders compiled, and the refiner reuses the base's text_encoder_2 "
+                               "embeddings (bit-identical) instead of encoding the prompt again",
+                   compile_text_encoders=True, share_text_embeddings=True)
+    return (eager, sdpa, bf16, cl, fused, vae, comp, graphs, best)
 
 
 LEVELS: dict[str, OptimizationLevel] = {level.name: level for level in _levels()}
@@ -122,4 +128,10 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
         for module in unets:
             module.compile(fullgraph=True, mode=mode, dynamic=False)
         mods["vae"].decoder.compile(fullgraph=True, mode=mode, dynamic=False)
+    if level.compile_text_encoders:
+        configure_inductor()
+        # Default mode, no CUDA graphs: compel keeps one call's outputs while it makes the next.
+        for name in ("text_encoder", "text_encoder_2"):
+            mods[name].compile(dynamic=False)
+    pipes.share_text_embeddings = level.share_text_embeddings
     return pipes
