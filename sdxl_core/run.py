@@ -153,6 +153,27 @@ def check_lora_path(lora: str | None) -> str | None:
     return str(path.resolve())
 
 
+def _check_models(config: RunConfig) -> None:
+    """Model references are checked (folder has model_index.json; hub id cached when offline) without loading."""
+    from sdxl_core import loading, presets
+
+    if config.base == presets.SDXL_RANDOM:
+        if config.refiner not in (None, presets.SDXL_RANDOM) or config.vae is not None:
+            raise InvalidConfigError("sdxl-random builds its own refiner and VAE; drop --refiner/--vae or use folders")
+        return
+    if config.refiner == presets.TINY and config.base != presets.TINY:
+        raise InvalidConfigError("--refiner tiny only pairs with --base tiny")
+    if config.base != presets.TINY:
+        loading.resolve_source(config.base, "base", ())
+    if config.refiner not in (None, presets.TINY):
+        loading.resolve_source(config.refiner, "refiner", ())
+    if config.vae is not None:
+        if not isinstance(config.vae, str) or not config.vae.strip():
+            raise InvalidConfigError("--vae is empty; give a hub id or a folder, or leave it out")
+        if not Path(config.vae).expanduser().is_dir():
+            loading.resolve_source_hub_only(config.vae, "vae")
+
+
 def resolve_run(config: RunConfig) -> ResolvedRun:
     """Check every part of ``config`` and resolve the defaults; raises before any model is touched."""
     import torch
@@ -161,6 +182,7 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
         raise InvalidConfigError("--base is empty; give tiny, a hub id or a diffusers folder")
     if config.refiner is not None and (not isinstance(config.refiner, str) or not config.refiner.strip()):
         raise InvalidConfigError("--refiner is empty; give tiny, a hub id or a diffusers folder, or leave it out")
+    _check_models(config)
     if not isinstance(config.settings, GenerationSettings):
         raise InvalidConfigError(f"settings must be a GenerationSettings, got {type(config.settings).__name__}")
     config.settings.check()

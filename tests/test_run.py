@@ -105,6 +105,23 @@ def test_bad_configs_fail_before_loading(tmp_path, fakes, changes, match):
     assert fakes.loads == 0 and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("changes, match", [
+    ({"base": "/no/such/sdxl-base", "refiner": None}, "neither a folder nor a hub id"),
+    ({"base": "nobody-has/this-model-xyz", "refiner": None}, "HF_HUB_OFFLINE"),
+    ({"refiner": "/no/such/refiner"}, "refiner"),
+    ({"vae": "nobody-has/this-vae-xyz"}, "vae"),
+    ({"base": "/no/such/sdxl-base"}, "--refiner tiny only pairs with --base tiny"),
+    ({"base": "sdxl-random", "refiner": "tiny"}, "sdxl-random"),
+])
+def test_missing_models_fail_before_the_run_folder(tmp_path, fakes, monkeypatch, changes, match):
+    from sdxl_core.errors import SdxlBenchError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SdxlBenchError, match=match):
+        run_job(config(tmp_path, **changes))
+    assert fakes.loads == 0 and not (tmp_path / "runs").exists()
+
+
 def test_cuda_without_cuda_is_refused(tmp_path, fakes):
     import torch
 
