@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sdxl_core.atomicio import append_json_line, write_json_atomic, write_png_atomic
-from sdxl_core.errors import InvalidConfigError, SdxlBenchError
+from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import GenerationRequest, GenerationSettings, PromptEncoder, check_prompts, generate
-from sdxl_core.loading import load_pipelines, resolve_dtype, default_device
+from sdxl_core.loading import default_device, load_pipelines, resolve_dtype
 from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
 from sdxl_core.run_args import DEFAULT_RUN_DIR
 from sdxl_core.prompts_default import DEFAULT_PROMPTS, read_prompts_file
@@ -202,9 +202,11 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     try:
         device = torch.device(config.device or default_device())
     except (RuntimeError, TypeError) as exc:
-        raise InvalidConfigError(f"--device {config.device!r} is not a device ({exc}); use cpu, cuda or cuda:N") from None
+        raise InvalidConfigError(
+            f"--device {config.device!r} is not a device ({exc}); use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidConfigError(f"--device {config.device} asks for CUDA, but no CUDA device is available; use --device cpu")
+        raise InvalidConfigError(
+            f"--device {config.device} asks for CUDA, but no CUDA device is available; use --device cpu")
     dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
     resolved_config = replace(config, prompts=tuple(config.prompts), seeds=seeds, run_id=run_id,
                               variants=tuple(v.name for v in variants))
