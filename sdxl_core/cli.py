@@ -67,6 +67,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 args.lora_scale if args.lora_scale is not None else (1.0 if args.lora else 0.0),
                                 settings)
     request.check()  # before any model is loaded
+    if args.refiner is not None:
+        from sdxl_core.flops import split_steps
+
+        split_steps(settings.steps, settings.high_noise_frac)  # SDXL's scheduler: both stages need a step
     if args.lora and not Path(args.lora).is_file():
         raise SdxlBenchError(f"--lora {args.lora!r} is not a file; give the path of pytorch_lora_weights.safetensors")
     t0 = time.perf_counter()

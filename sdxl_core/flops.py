@@ -105,12 +105,9 @@ def split_steps(steps: int, high_noise_frac: float, configs: ArchitectureConfigs
     ``denoising_start`` cut SDXL's Euler schedule: the base keeps timesteps at or above the cut-off."""
     from diffusers import EulerDiscreteScheduler
 
-    scheduler = EulerDiscreteScheduler.from_config(configs.scheduler())
-    scheduler.set_timesteps(steps)
-    train_steps = scheduler.config.num_train_timesteps
-    cutoff = int(round(train_steps - high_noise_frac * train_steps))
-    base = int((scheduler.timesteps >= cutoff).sum())
-    return base, steps - base
+    from sdxl_core.generate import check_split
+
+    return check_split(EulerDiscreteScheduler.from_config(configs.scheduler()), steps, high_noise_frac)
 
 
 def workload_flops(per_forward: ComponentFlops, steps: int = 50, high_noise_frac: float = 0.8,

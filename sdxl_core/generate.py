@@ -30,13 +30,15 @@ class GenerationSettings:
         """Raise :class:`InvalidConfigError` naming the setting and the fix; called before any work."""
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise InvalidConfigError(f"steps must be an integer >= 1, got {self.steps!r}; pass e.g. --steps 50")
-        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) \
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
+                or not math.isfinite(self.guidance_scale) \
                 or not 0 <= self.guidance_scale <= 100:
             raise InvalidConfigError(
                 f"guidance_scale must be a finite number in [0, 100], got {self.guidance_scale!r}; "
                 f"SDXL is usually run at 5-13"
             )
-        if not isinstance(self.high_noise_frac, (int, float)) or not 0 < self.high_noise_frac < 1:
+        if isinstance(self.high_noise_frac, bool) or not isinstance(self.high_noise_frac, (int, float)) \
+                or not 0 < self.high_noise_frac < 1:
             raise InvalidConfigError(
                 f"high_noise_frac must lie strictly between 0 and 1, got {self.high_noise_frac!r}; "
                 f"the reference uses 0.8 (the base denoises the first 80%, the refiner the rest)"
@@ -69,7 +71,7 @@ class GenerationRequest:
             raise InvalidConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise InvalidConfigError(f"negative_prompt must be a string or None, got {self.negative_prompt!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InvalidConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
     @property
@@ -170,6 +172,8 @@ def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncode
     """
     request.check()
     s = request.settings
+    if pipes.refiner is not None:
+        check_split(pipes.base.scheduler, s.steps, s.high_noise_frac)
     device = pipes.device
     clock = clock or StageClock(device)
     prompts = [request.prompt] * request.batch_size
@@ -225,6 +229,21 @@ def _vae_mark(vae: Any, clock: StageClock):
         yield
     finally:
         handle.remove()
+
+
+def check_split(scheduler: Any, steps: int, high_noise_frac: float) -> tuple[int, int]:
+    """Steps the base and the refiner get, as diffusers cuts ``scheduler``'s timesteps at ``high_noise_frac``;
+    refuses a split that leaves either stage without a step."""
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(steps)
+    train_steps = probe.config.num_train_timesteps
+    cutoff = int(round(train_steps - high_noise_frac * train_steps))
+    base = int((probe.timesteps >= cutoff).sum())
+    if base == 0 or base == steps:
+        raise InvalidConfigError(
+            f"with steps={steps} and high_noise_frac={high_noise_frac} the base runs {base} step(s) and the refiner "
+            f"{steps - base}; each needs at least one: raise --steps (the reference uses 50) or move high_noise_frac")
+    return base, steps - base
 
 
 def with_settings(request: GenerationRequest, **changes: Any) -> GenerationRequest:
