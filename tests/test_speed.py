@@ -1,0 +1,219 @@
+"""sdxl_core.speed: case parsing, the result table, and a real SpeedRunner pass over the tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from sdxl_core.errors import InvalidConfigError
+from sdxl_core.generate import GenerationSettings
+from sdxl_core.loading import load_pipelines
+from sdxl_core.speed import (IMAGE_PSNR_MIN, SpeedCase, SpeedResult, SpeedRunner, default_cases, parse_case,
+                             render_table, run_speed_suite)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parse_case():
+    assert parse_case("compile@b4") == SpeedCase("compile", 4, None)
+    assert parse_case("eager") == SpeedCase("eager", 1, None)
+    assert parse_case("channels_last+lora_fused") == SpeedCase("channels_last", 1, "fused")
+    assert parse_case("channels_last+lora_unfused@b2") == SpeedCase("channels_last", 2, "unfused")
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("nope", "unknown optimisation level 'nope'"),
+    ("eager@bx", "cannot read case 'eager@bx'"),
+    ("eager@b0", "batch_size must be >= 1"),
+    ("eager+lora_maybe", "lora must be None, 'unfused' or 'fused'"),
+    ("fused_qkv+lora_unfused", "fuses QKV projections"),
+])
+def test_parse_case_refuses(text, hint):
+    with pytest.raises(InvalidConfigError, match=hint):
+        parse_case(text)
+
+
+def test_unfused_lora_on_fused_qkv_is_refused():
+    with pytest.raises(InvalidConfigError, match="would bypass an unfused LoRA.*channels_last"):
+        SpeedCase("fused_qkv", lora="unfused")
+    SpeedCase("fused_qkv", lora="fused")  # fusing the LoRA first is fine
+
+
+def test_case_names_and_references():
+    assert SpeedCase("compile", 4).name == "compile@b4"
+    assert SpeedCase("channels_last", lora="fused").name == "channels_last+lora_fused"
+    for text in ("compile@b4", "channels_last+lora_fused", "channels_last+lora_unfused@b2", "eager"):
+        assert parse_case(text).name == text  # names round-trip
+    assert SpeedCase("bf16", batch_size=2).reference_name == "eager"
+    assert SpeedCase("channels_last", lora="unfused").reference_name == "channels_last+lora_unfused"
+    assert SpeedCase("channels_last", lora="fused").reference_name == "channels_last+lora_unfused"
+    assert SpeedCase("channels_last", 4, lora="fused").reference_name == "channels_last+lora_unfused"
+
+
+def test_default_cases_start_with_the_reference():
+    cases = default_cases()
+    assert cases[0] == SpeedCase("eager")
+    assert len({c.name for c in cases}) == len(cases)
+    for c in cases:  # every fused-LoRA case has its unfused reference earlier in the list
+        if c.lora == "fused":
+            names = [x.name for x in cases[: cases.index(c)]]
+            assert c.reference_name in names
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------------
+
+
+def _ok(case, spi, check, **kw):
+    r = SpeedResult(case, {"name": case}, 1, None, "ok", rounds_s=[spi], seconds_per_batch=spi,
+                    seconds_per_image=spi, images_per_second=1 / spi, first_call_s=3 * spi, equivalence=check, **kw)
+    return asdict(r)
+
+
+def test_render_table():
+    results = [
+        _ok("eager", 2.0, {"note": "reference case", "finite": True, "passed": True}),
+        _ok("sdpa", 1.0, {"passed": True, "reference": "eager", "image_psnr_db": 48.25, "latent_rel_l2": 0.0123},
+            mfu=0.25, peak_memory_gib=12.5),
+        asdict(SpeedResult("compile", {"name": "compile"}, 1, None, "error",
+                           message="RuntimeError: boom in the compiler")),
+        _ok("bf16", 0.5, {"passed": False, "reference": "eager", "image_psnr_db": 12.0, "latent_rel_l2": 0.5}),
+        asdict(SpeedResult("cudagraphs", {"name": "cudagraphs"}, 1, None, "skipped",
+                           message="time budget: 10 s left, about 200 s needed")),
+    ]
+    text = render_table({"results": json.loads(json.dumps(results))})  # as read back from the JSON file
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["case", "s/image", "img/s"] and "x eager" in lines[0] and "x sdpa" in lines[0]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == {"eager", "sdpa", "compile", "bf16", "cudagraphs"}
+    assert "ERROR: RuntimeError: boom in the compiler" in rows["compile"]
+    assert "SKIPPED: time budget" in rows["cudagraphs"]
+    # speed-ups: eager 2 s/image, sdpa 1 s/image, bf16 0.5 s/image
+    assert rows["eager"].split()[1:5] == ["2.000", "0.500", "1.00", "0.50"]
+    assert rows["sdpa"].split()[1:5] == ["1.000", "1.000", "2.00", "1.00"]
+    assert rows["bf16"].split()[1:5] == ["0.500", "2.000", "4.00", "2.00"]
+    assert "25.0%" in rows["sdpa"] and "12.5" in rows["sdpa"]
+    assert "reference" in rows["eager"]
+    assert "ok vs eager: PSNR 48.2 dB, latents rel 0.0123" in rows["sdpa"]
+    assert "FAIL vs eager: PSNR 12.0 dB" in rows["bf16"]
+
+
+def test_render_table_without_eager():
+    results = [_ok("bf16", 0.5, {"note": "reference case eager has no output in this run", "passed": None})]
+    row = render_table({"results": results}).splitlines()[2]
+    assert row.split()[3:5] == ["-", "-"]
+    assert "has no output in this run" in row
+
+
+# --------------------------------------------------------------------------------------------------
+# A real run on the tiny models
+# --------------------------------------------------------------------------------------------------
+
+SETTINGS = GenerationSettings(steps=4, width=64, height=64)
+CASES = [SpeedCase("eager"), SpeedCase("bf16"), SpeedCase("channels_last", lora="unfused"),
+         SpeedCase("channels_last", lora="fused"), SpeedCase("bf16", batch_size=2)]
+
+
+def build_tiny(dtype: torch.dtype):
+    return load_pipelines("tiny", "tiny", device="cpu", dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    # note: __post_init__ counts the SDXL 1.0 FLOPs at the settings' size on meta (a few seconds)
+    return SpeedRunner(build=build_tiny, device=torch.device("cpu"), settings=SETTINGS, rounds=1, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def results(runner):
+    return {case.name: runner.run(case) for case in CASES}
+
+
+def test_runner_cases_ok(results):
+    assert list(results) == [c.name for c in CASES]
+    for name, r in results.items():
+        assert r.status == "ok", (name, r.message, r.equivalence.get("traceback"))
+        assert r.message == ""
+        assert r.seconds_per_image > 0 and r.seconds_per_batch > 0 and r.first_call_s > 0 and r.build_s > 0
+        assert len(r.rounds_s) == 1
+        assert r.images_per_second == pytest.approx(1 / r.seconds_per_image)
+        assert r.flops_per_image > 0
+        assert set(r.stage_seconds) == {"text_encoding", "base_denoising", "refiner_denoising", "vae_decode"}
+        assert r.peak_memory_gib is None and r.mfu is None  # CPU: no memory stats, no matmul rate given
+
+
+def test_runner_batch_size(results):
+    b2 = results["bf16@b2"]
+    assert b2.batch_size == 2
+    assert b2.seconds_per_image == pytest.approx(b2.seconds_per_batch / 2)
+    # FLOPs per image do not depend on the batch size
+    assert b2.flops_per_image == pytest.approx(results["bf16"].flops_per_image)
+
+
+def test_runner_flops_are_the_sdxl_workload(runner, results):
+    from sdxl_core.flops import component_flops, workload_flops
+
+    w = workload_flops(component_flops(64, 64), steps=4, high_noise_frac=0.8)
+    assert results["eager"].flops_per_image == pytest.approx(w.total)
+
+
+def test_runner_equivalence(results):
+    eager = results["eager"].equivalence
+    assert eager["passed"] is True and eager["note"] == "reference case" and eager["finite"] is True
+    for name in ("bf16", "bf16@b2"):
+        eq = results[name].equivalence
+        assert eq["reference"] == "eager"
+        assert eq["passed"] is True, (name, eq)
+        assert eq["image_psnr_db"] >= IMAGE_PSNR_MIN and eq["latent_rel_l2"] <= eq["latent_rel_tol"]
+    unfused = results["channels_last+lora_unfused"].equivalence
+    assert unfused["note"] == "reference case" and unfused["passed"] is True
+    fused = results["channels_last+lora_fused"].equivalence
+    assert fused["reference"] == "channels_last+lora_unfused"
+    assert fused["passed"] is True, fused
+    assert fused["image_psnr_db"] >= IMAGE_PSNR_MIN
+
+
+def test_runner_keeps_only_first_image(runner, results):
+    out = runner.outputs["bf16@b2"]
+    assert len(out.images) == 1 and out.latents.shape[0] == 1 and out.latents.dtype == torch.float32
+
+
+def test_an_error_in_one_case_does_not_stop_the_next(runner, tmp_path):
+    def build(dtype):
+        if dtype == torch.bfloat16:
+            raise RuntimeError("no bf16 today")
+        return build_tiny(dtype)
+
+    failing = copy.copy(runner)  # shares the FLOP counts; its own build and outputs
+    failing.build = build
+    failing.outputs = {}
+    payload = run_speed_suite(failing, [SpeedCase("bf16"), SpeedCase("eager")], tmp_path / "speed.json",
+                              {"note": "test"})
+    bf16, eager = payload["results"]
+    assert bf16["status"] == "error" and bf16["message"] == "RuntimeError: no bf16 today"
+    assert "no bf16 today" in bf16["equivalence"]["traceback"]
+    assert eager["status"] == "ok" and eager["seconds_per_image"] > 0
+    on_disk = json.loads((tmp_path / "speed.json").read_text())
+    assert on_disk["note"] == "test" and [r["status"] for r in on_disk["results"]] == ["error", "ok"]
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # no temporary file left
+    table = render_table(on_disk)
+    assert "ERROR: RuntimeError: no bf16 today" in table
+
+
+def test_deadline_skips_cases_that_cannot_finish(runner, tmp_path):
+    skipping = copy.copy(runner)
+    skipping.outputs = {}
+    skipping.build = lambda dtype: pytest.fail("a case ran although the deadline had passed")
+    payload = run_speed_suite(skipping, [SpeedCase("eager"), SpeedCase("compile")], tmp_path / "s.json", {},
+                              deadline=time.time() + 5)
+    assert [r["status"] for r in payload["results"]] == ["skipped", "skipped"]
+    assert all("time budget" in r["message"] for r in payload["results"])
