@@ -110,17 +110,31 @@ def split_steps(steps: int, high_noise_frac: float, configs: ArchitectureConfigs
     return check_split(EulerDiscreteScheduler.from_config(configs.scheduler()), steps, high_noise_frac)
 
 
+def text_encoder_passes(negative_prompt: bool, with_refiner: bool = True) -> tuple[int, int]:
+    """Forward passes of (text_encoder, text_encoder_2) per image with compel, as the reference code runs them.
+
+    Compel runs ``text_encoder_2`` twice per text (hidden states, then pooled) and ``text_encoder`` once, for
+    the prompt and for the negative when one is given; the refiner's compel repeats ``text_encoder_2``; with a
+    None negative the base uses zeros and the refiner encodes "" once itself.
+    """
+    texts = 2 if negative_prompt else 1
+    te2 = 2 * texts
+    if with_refiner:
+        te2 += 2 * texts + (0 if negative_prompt else 1)
+    return texts, te2
+
+
 def workload_flops(per_forward: ComponentFlops, steps: int = 50, high_noise_frac: float = 0.8,
-                   guidance: bool = True, batch_size: int = 1, with_refiner: bool = True) -> WorkloadFlops:
+                   guidance: bool = True, batch_size: int = 1, with_refiner: bool = True,
+                   negative_prompt: bool = False) -> WorkloadFlops:
     """FLOPs of generating ``batch_size`` images: UNet forwards at batch ``2 * batch_size`` with guidance."""
     if with_refiner:
         base_steps, refiner_steps = split_steps(steps, high_noise_frac)
     else:
         base_steps, refiner_steps = steps, 0
     cfg = 2 if guidance else 1
-    # Each prompt (and the negative, when given) runs through both encoders on the base and encoder 2 on
-    # the refiner; counted for the prompt only, since a None negative is zeros on the base.
-    text = per_forward.text_encoder + per_forward.text_encoder_2 * (2 if with_refiner else 1)
+    te1, te2 = text_encoder_passes(negative_prompt, with_refiner)
+    text = per_forward.text_encoder * te1 + per_forward.text_encoder_2 * te2
     return WorkloadFlops(
         base_steps=base_steps,
         refiner_steps=refiner_steps,

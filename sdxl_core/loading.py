@@ -140,12 +140,12 @@ def load_pipelines(
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
         return Pipelines(b, r, base, refiner, None)
+    if refiner in presets.PRESETS and refiner != base:
+        raise InvalidConfigError(f"--refiner {refiner} only pairs with --base {refiner}")
     if base == presets.TINY:
         tiny_base, tiny_refiner = presets.ensure_tiny()
         base = str(tiny_base)
         refiner = str(tiny_refiner) if refiner == presets.TINY else refiner
-    elif refiner == presets.TINY:
-        raise InvalidConfigError("--refiner tiny only pairs with --base tiny")
 
     base_src = resolve_source(base, "base", _BASE_OWN)
     refiner_src = resolve_source(refiner, "refiner", _REFINER_OWN) if refiner is not None else None

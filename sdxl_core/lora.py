@@ -9,7 +9,7 @@ UNET_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 @torch.no_grad()
-def random_lora_state_dict(unet: torch.nn.Module, rank: int = 4, seed: int = 0, std: float = 0.02,
+def random_lora_state_dict(unet: torch.nn.Module, rank: int = 4, seed: int = 0, std: float = 0.05,
                            adapter_name: str = "random-lora") -> dict[str, torch.Tensor]:
     """A rank-``rank`` LoRA for ``unet`` with random A and B (so it changes the output), in diffusers format.
 

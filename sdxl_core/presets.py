@@ -213,8 +213,9 @@ def tiny_fingerprint() -> str:
 
 def build_tiny(seed: int = TINY_SEED):
     """The tiny base + refiner pipelines in float32 on the CPU, weights seeded by ``seed``."""
-    torch.manual_seed(seed)
-    parts = build_components(TINY_CONFIGS, "cpu")
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG state
+        torch.manual_seed(seed)
+        parts = build_components(TINY_CONFIGS, "cpu")
     for module in parts.values():
         module.eval().requires_grad_(False)
     return _make_pipelines(parts, TINY_CONFIGS)

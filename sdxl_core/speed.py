@@ -76,7 +76,9 @@ class SpeedCase:
 def parse_case(text: str) -> SpeedCase:
     """``level[+lora_unfused|+lora_fused][@bN]``, e.g. ``compile@b4`` or ``channels_last+lora_fused``."""
     body, _, batch = text.partition("@b")
-    level, _, lora = body.partition("+lora_")
+    level, plus, lora = body.partition("+lora_")
+    if plus and not lora:
+        raise InvalidConfigError(f"case {text!r} names no LoRA mode; write +lora_unfused or +lora_fused")
     try:
         return SpeedCase(level, int(batch) if batch else 1, lora or None)
     except ValueError as exc:
@@ -329,11 +331,11 @@ def render_table(payload: dict[str, Any]) -> str:
 
 def default_cases() -> list[SpeedCase]:
     """Priority order for a time-boxed GPU run: the reference, the fast levels, compiled, then the rest."""
-    return [SpeedCase("eager"), SpeedCase("vae_no_upcast"), SpeedCase("max"), SpeedCase("compile"),
-            SpeedCase("sdpa"), SpeedCase("bf16"), SpeedCase("channels_last"), SpeedCase("fused_qkv"),
+    return [SpeedCase("eager"), SpeedCase("fused_qkv"), SpeedCase("max"), SpeedCase("sdpa"),
+            SpeedCase("vae_no_upcast"), SpeedCase("bf16"), SpeedCase("channels_last"), SpeedCase("compile"),
             SpeedCase("cudagraphs"),
             SpeedCase("channels_last", lora="unfused"), SpeedCase("channels_last", lora="fused"),
-            SpeedCase("vae_no_upcast", batch_size=4), SpeedCase("compile", batch_size=4)]
+            SpeedCase("fused_qkv", batch_size=4), SpeedCase("max", batch_size=4)]
 
 
 def estimated_overhead_s(case: SpeedCase, done: list[dict[str, Any]]) -> float:

@@ -3,7 +3,11 @@
 SDXL's two tokenizers are both the OpenAI CLIP BPE (49,408 tokens, 77 positions): ``tokenizer`` pads
 with ``<|endoftext|>`` and ``tokenizer_2`` pads with ``!``. No model hub is needed: the merges come from
 ``open_clip/bpe_simple_vocab_16e6.txt.gz`` and the vocabulary is derived from them exactly as
-open_clip's ``SimpleTokenizer`` derives it, so token ids agree with open_clip's tokenizer.
+open_clip's ``SimpleTokenizer`` derives it, so token ids agree with open_clip's tokenizer on ordinary text.
+
+Two known differences, both also true of the transformers tokenizers that SDXL checkpoints ship: there is
+no ftfy/HTML clean-up (``&amp;``, ligatures and fullwidth letters tokenize as written), and ``tokenizer_2``
+treats its pad token ``!`` as a special token, so each ``!`` in a prompt becomes id 0.
 """
 
 from __future__ import annotations

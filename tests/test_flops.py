@@ -57,7 +57,8 @@ def test_workload_flops_variants(flops_1024):
     base_only = workload_flops(flops_1024, 50, 0.8, with_refiner=False)
     assert (base_only.base_steps, base_only.refiner_steps) == (50, 0)
     assert base_only.unet_refiner == 0
-    assert base_only.text_encoders == flops_1024.text_encoder + flops_1024.text_encoder_2
+    # compel: text_encoder once, text_encoder_2 twice (hidden states, then pooled)
+    assert base_only.text_encoders == flops_1024.text_encoder + 2 * flops_1024.text_encoder_2
 
 
 def test_component_flops_scale_with_image_size(flops_1024):
@@ -118,3 +119,25 @@ def test_split_steps_is_what_the_pipelines_run(own_pipes, steps, frac):
             h.remove()
     assert (calls["base"], calls["refiner"]) == split_steps(steps, frac)
     assert calls["base"] + calls["refiner"] == steps
+
+
+@pytest.mark.parametrize("negative, with_refiner", [(None, True), ("wrong", True), (None, False), ("wrong", False)])
+def test_text_encoder_passes_are_what_generation_runs(negative, with_refiner):
+    """text_encoder_passes() (used for the workload's text FLOPs) counts the encoder forwards that compel and
+    the pipelines really make."""
+    from sdxl_core.flops import text_encoder_passes
+
+    pipes = load_pipelines("tiny", "tiny" if with_refiner else None, device="cpu")
+    calls = {"text_encoder": 0, "text_encoder_2": 0}
+    handles = []
+    for name in calls:
+        def hook(*_, key=name):
+            calls[key] += 1
+        handles.append(getattr(pipes.base, name).register_forward_hook(hook))
+    try:
+        settings = GenerationSettings(steps=4, width=64, height=64)
+        generate(pipes, GenerationRequest("a wolf", 0, negative_prompt=negative, settings=settings))
+    finally:
+        for h in handles:
+            h.remove()
+    assert (calls["text_encoder"], calls["text_encoder_2"]) == text_encoder_passes(negative is not None, with_refiner)

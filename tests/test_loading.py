@@ -143,3 +143,10 @@ def test_load_from_a_copied_folder(tmp_path, tiny_folders, tiny_pipes):
     pipes = load_pipelines(str(base), device="cpu")
     assert pipes.base_source == str(base)
     torch.testing.assert_close(pipes.base.unet.conv_in.weight, tiny_pipes.base.unet.conv_in.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("base, refiner", [("tiny", "sdxl-random"), ("./some/folder", "tiny"),
+                                           ("./some/folder", "sdxl-random")])
+def test_preset_refiner_needs_its_own_base(base, refiner):
+    with pytest.raises(InvalidConfigError, match=f"--refiner {refiner} only pairs with --base {refiner}"):
+        load_pipelines(base, refiner, device="cpu")

@@ -13,7 +13,7 @@ from sdxl_core.loading import load_pipelines
 from sdxl_core.numerics import image_psnr
 from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level
 
-ORDER = ["eager", "sdpa", "bf16", "channels_last", "fused_qkv", "vae_no_upcast", "compile", "cudagraphs"]
+ORDER = ["eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "compile", "cudagraphs", "max"]
 EAGER_LEVELS = ORDER[:6]  # no torch.compile: fine on a CPU
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 SEED = 3
@@ -68,13 +68,15 @@ def test_level_flag_progression():
     assert table == {
         "eager": ("float16", False, False, False, True, None),
         "sdpa": ("float16", True, False, False, True, None),
-        "bf16": ("bfloat16", True, False, False, True, None),
-        "channels_last": ("bfloat16", True, True, False, True, None),
-        "fused_qkv": ("bfloat16", True, True, True, True, None),
-        "vae_no_upcast": ("bfloat16", True, True, True, False, None),
+        "vae_no_upcast": ("float16", True, False, False, False, None),
+        "bf16": ("bfloat16", True, False, False, False, None),
+        "channels_last": ("bfloat16", True, True, False, False, None),
+        "fused_qkv": ("bfloat16", True, True, True, False, None),
         "compile": ("bfloat16", True, True, True, False, "default"),
         "cudagraphs": ("bfloat16", True, True, True, False, "reduce-overhead"),
+        "max": ("bfloat16", True, True, True, False, "reduce-overhead"),
     }
+    assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
 
 
@@ -124,7 +126,7 @@ def test_apply_level_on_tiny(name, fast_settings, fp32_image):
 
 def test_apply_level_without_refiner():
     pipes = load_pipelines("tiny", device="cpu")
-    apply_level(pipes, get_level("vae_no_upcast"))
+    apply_level(pipes, get_level("fused_qkv"))
     assert pipes.refiner is None
     assert _processors(pipes.base.unet) == {"FusedAttnProcessor2_0"}
     assert pipes.dtype == torch.bfloat16
@@ -162,3 +164,19 @@ def test_compile_level_on_cpu(fast_settings, fp32_image):
     apply_level(pipes, get_level("compile"))
     out = generate(pipes, GenerationRequest(PROMPT, SEED, settings=fast_settings))
     assert image_psnr(out.images[0], fp32_image) >= MIN_PSNR_DB[torch.bfloat16]
+
+
+@pytest.mark.parametrize("name, decode_dtype", [("sdpa", torch.float32), ("vae_no_upcast", torch.float16),
+                                                ("bf16", torch.bfloat16)])
+def test_vae_upcast_is_what_the_level_says(fast_settings, name, decode_dtype):
+    """fp16 levels before vae_no_upcast decode in fp32 (the stock VAE's upcast); vae_no_upcast decodes in fp16;
+    bf16 never upcasts."""
+    pipes = load_pipelines("tiny", "tiny", device="cpu")
+    apply_level(pipes, get_level(name))
+    seen = []
+    handle = pipes.base.vae.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    try:
+        generate(pipes, GenerationRequest(PROMPT, SEED, settings=fast_settings))
+    finally:
+        handle.remove()
+    assert seen == [decode_dtype]

@@ -35,6 +35,7 @@ def test_parse_case():
     ("eager@b0", "batch_size must be >= 1"),
     ("eager+lora_maybe", "lora must be None, 'unfused' or 'fused'"),
     ("fused_qkv+lora_unfused", "fuses QKV projections"),
+    ("channels_last+lora_", "names no LoRA mode"),
 ])
 def test_parse_case_refuses(text, hint):
     with pytest.raises(InvalidConfigError, match=hint):
