@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,22 +36,8 @@ def _check_png_target(path: str) -> Path:
     return out
 
 
-def save_png_atomic(image, out: Path) -> None:
-    """Write the PNG to a temporary file beside ``out`` and rename it, so no partial file is ever left."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from sdxl_core.atomicio import write_png_atomic
     from sdxl_core.generate import GenerationRequest, GenerationSettings, generate
     from sdxl_core.loading import load_pipelines
     from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
@@ -81,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     result = generate(pipes, request)
     t2 = time.perf_counter()
-    save_png_atomic(result.images[0], out)
+    write_png_atomic(out, result.images[0])
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stage_seconds.items())
     print(f"wrote {out} (load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s: {stages})")
     return 0

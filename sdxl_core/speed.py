@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from sdxl_core.atomicio import write_json_atomic
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.flops import component_flops, workload_flops
 from sdxl_core.generate import GenerationOutput, GenerationRequest, GenerationSettings, PromptEncoder, generate
@@ -286,16 +287,6 @@ def _first_image_only(out: GenerationOutput) -> GenerationOutput:
 # --------------------------------------------------------------------------------------------------
 # Result file and table
 # --------------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def render_table(payload: dict[str, Any]) -> str:
