@@ -9,6 +9,10 @@ from pathlib import Path
 
 from sdxl_core.errors import SdxlBenchError
 
+# The names of sdxl_core.optimize.LEVELS, repeated here so building the parser does not import torch
+# (tests/test_cli.py checks the two agree).
+SPEED_LEVELS = ("eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "compile", "cudagraphs", "max")
+
 
 def _add_model_args(p: argparse.ArgumentParser, refiner_default: str | None = None) -> None:
     p.add_argument("--base", required=True, help="tiny, sdxl-random, a hub id or a diffusers folder")
@@ -131,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("speed", help="time base+refiner per optimisation level (the GPU latency suite)")
     _add_model_args(p, refiner_default=None)
     p.add_argument("--cases", default=None,
-                   help="comma-separated level[+lora_unfused|+lora_fused][@bN] (default: all, in priority order)")
+                   help="comma-separated level[+lora_unfused|+lora_fused][@bN]; levels, each adding to the one "
+                        f"before: {', '.join(SPEED_LEVELS)} (default: a priority-ordered set)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=13.0)
     p.add_argument("--high-noise-frac", type=float, default=0.8)

@@ -369,10 +369,6 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
     return payload
 
 
-def levels_doc() -> str:
-    return "\n".join(f"{name:14s} {lvl.description}" for name, lvl in LEVELS.items())
-
-
 def finite_check(pipes: Pipelines, settings: GenerationSettings) -> dict[str, Any]:
     """One forward of each model on the case's shapes with activation tracking: the fp16-safety check of a preset."""
     from sdxl_core.flops import LATENT_FACTOR, unet_inputs

@@ -120,3 +120,10 @@ def test_missing_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+
+
+def test_speed_help_lists_every_level():
+    from sdxl_core.cli import SPEED_LEVELS
+    from sdxl_core.optimize import LEVELS
+
+    assert SPEED_LEVELS == tuple(LEVELS)
