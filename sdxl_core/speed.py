@@ -29,7 +29,7 @@ from sdxl_core.flops import component_flops, workload_flops
 from sdxl_core.generate import GenerationOutput, GenerationRequest, GenerationSettings, PromptEncoder, generate
 from sdxl_core.loading import Pipelines
 from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
-from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level
+from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 
 SCHEMA_VERSION = 1
 DEFAULT_PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
