@@ -102,11 +102,12 @@ def resolve_source(name: str, role: str, required: tuple[str, ...]) -> str:
 
 
 def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import scan_cache_dir
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
 
+    try:
         return any(repo.repo_id == repo_id for repo in scan_cache_dir().repos)
-    except Exception:  # no cache folder at all
+    except CacheNotFound:  # no cache folder at all
         return False
 
 
