@@ -137,10 +137,7 @@ def load_pipelines(
         if refiner not in (None, presets.SDXL_RANDOM) or vae is not None:
             raise InvalidConfigError("sdxl-random builds its own refiner and VAE; drop --refiner/--vae or use folders")
         b, r = presets.build_sdxl_random(device=device, dtype=torch_dtype, with_refiner=refiner is not None)
-        for pipe in (b, r):
-            if pipe is not None:
-                pipe.set_progress_bar_config(disable=True)
-        return Pipelines(b, r, base, refiner, None)
+        return _quiet(Pipelines(b, r, base, refiner, None))
     if refiner in presets.PRESETS and refiner != base:
         raise InvalidConfigError(f"--refiner {refiner} only pairs with --base {refiner}")
     if base == presets.TINY:
@@ -166,10 +163,15 @@ def load_pipelines(
     if refiner_src is not None:
         refiner_kwargs = dict(kwargs, text_encoder_2=base_pipe.text_encoder_2, vae=base_pipe.vae)
         refiner_pipe = DiffusionPipeline.from_pretrained(refiner_src, **refiner_kwargs).to(device)
-    for pipe in (base_pipe, refiner_pipe):
+    return _quiet(Pipelines(base_pipe, refiner_pipe, base_src, refiner_src, vae_src))
+
+
+def _quiet(pipes: Pipelines) -> Pipelines:
+    """No per-step progress bars: generation is timed and logged by the harness."""
+    for pipe in (pipes.base, pipes.refiner):
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)
-    return Pipelines(base_pipe, refiner_pipe, base_src, refiner_src, vae_src)
+    return pipes
 
 
 def resolve_source_hub_only(name: str, role: str) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from sdxl_core.atomicio import write_json_atomic
 from sdxl_core.errors import InvalidConfigError
-from sdxl_core.flops import component_flops, workload_flops
+from sdxl_core.flops import WorkloadFlops, component_flops, workload_flops
 from sdxl_core.generate import GenerationOutput, GenerationRequest, GenerationSettings, PromptEncoder, generate
 from sdxl_core.loading import Pipelines
 from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
@@ -194,10 +194,13 @@ class SpeedRunner:
         per_forward = component_flops(self.settings.height, self.settings.width)
         self._per_forward = per_forward
 
+    def workload(self, batch_size: int = 1) -> WorkloadFlops:
+        """FLOPs of one generation of ``batch_size`` images with this runner's settings."""
+        return workload_flops(self._per_forward, self.settings.steps, self.settings.high_noise_frac,
+                              guidance=self.settings.guidance_scale > 1, batch_size=batch_size)
+
     def flops_per_image(self, batch_size: int) -> float:
-        w = workload_flops(self._per_forward, self.settings.steps, self.settings.high_noise_frac,
-                           guidance=self.settings.guidance_scale > 1, batch_size=batch_size)
-        return w.total / batch_size
+        return self.workload(batch_size).total / batch_size
 
     def run(self, case: SpeedCase) -> SpeedResult:
         level = get_level(case.level)
@@ -456,8 +459,7 @@ def main_speed(args: Any) -> int:
     meta["bf16_matmul_flops_per_s"] = rate
     runner = SpeedRunner(build=build, device=device, settings=settings, seed=args.seed, warmup=args.warmup,
                          rounds=args.rounds, matmul_rate=rate)
-    w = workload_flops(runner._per_forward, settings.steps, settings.high_noise_frac,
-                       guidance=settings.guidance_scale > 1)
+    w = runner.workload()
     meta["workload_flops"] = asdict(w) | {"total": w.total}
     meta["flop_floor_s"] = floor_seconds(w.total, rate) if rate else None
     if not args.skip_fp16_check:
