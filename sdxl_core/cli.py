@@ -11,7 +11,7 @@ from sdxl_core.errors import SdxlBenchError
 
 # The names of sdxl_core.optimize.LEVELS, repeated here so building the parser does not import torch
 # (tests/test_cli.py checks the two agree).
-SPEED_LEVELS = ("eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "compile", "cudagraphs", "max")
+SPEED_LEVELS = ("eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile", "cudagraphs", "max")
 
 
 def _add_model_args(p: argparse.ArgumentParser, refiner_default: str | None = None) -> None:

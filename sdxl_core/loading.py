@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class Pipelines:
     # The refiner takes its text_encoder_2 embeddings from the base's compel output instead of encoding
     # the prompt again (they are the same computation on the same shared encoder).
     share_text_embeddings: bool = False
+    # Process-wide kernel choices the last optimisation level made (SDPA backend order, cuDNN autotuning).
+    kernel_backends: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:

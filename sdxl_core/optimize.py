@@ -34,6 +34,7 @@ class OptimizationLevel:
     fuse_lora: bool = False
     compile_text_encoders: bool = False
     share_text_embeddings: bool = False
+    cudnn: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -63,7 +64,11 @@ def _levels() -> tuple[OptimizationLevel, ...]:
     cl = replace(bf16, name="channels_last", description="+ channels_last memory format for UNets and VAE",
                  channels_last=True)
     fused = replace(cl, name="fused_qkv", description="+ fused QKV projections (UNets and VAE)", fused_qkv=True)
-    comp = replace(fused, name="compile",
+    cudnn = replace(fused, name="cudnn",
+                    description="+ cuDNN attention first in SDPA's backend order (FlashAttention-2 if a probe "
+                                "fails) and cuDNN convolution autotuning (torch.backends.cudnn.benchmark)",
+                    cudnn=True)
+    comp = replace(cudnn, name="compile",
                    description="+ torch.compile(fullgraph) of both UNets and the VAE decoder, inductor default mode",
                    compile_mode="default")
     graphs = replace(comp, name="cudagraphs", description="+ CUDA graphs (torch.compile mode reduce-overhead)",
@@ -72,7 +77,7 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                    description="+ text encoders compiled, and the refiner reuses the base's text_encoder_2 "
                                "embeddings (bit-identical) instead of encoding the prompt again",
                    compile_text_encoders=True, share_text_embeddings=True)
-    return (eager, sdpa, vae, bf16, cl, fused, comp, graphs, best)
+    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best)
 
 
 LEVELS: dict[str, OptimizationLevel] = {level.name: level for level in _levels()}
@@ -101,6 +106,77 @@ def configure_inductor() -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
+_DEFAULT_SDP_PRIORITY: list[int] | None = None
+
+# Attention shapes of SDXL at 1024x1024 with guidance (batch 2): self-attention at 64x64 and 32x32 latents
+# (10 and 20 heads of 64) and cross-attention on 77 text tokens.
+_PROBE_SHAPES = (((2, 10, 4096, 64), (2, 10, 4096, 64)), ((2, 20, 1024, 64), (2, 20, 1024, 64)),
+                 ((2, 10, 4096, 64), (2, 10, 77, 64)))
+
+
+def _sdpa_backends() -> Any:
+    from torch.nn.attention import SDPBackend
+
+    return SDPBackend
+
+
+def probe_cudnn_attention(device: torch.device, dtype: torch.dtype, tol: float = 2e-2) -> str | None:
+    """Run cuDNN SDPA alone on SDXL's attention shapes and compare with the math backend in fp32.
+
+    Returns ``None`` when cuDNN attention works, else why not (the caller falls back to FlashAttention-2)."""
+    from torch.nn.attention import sdpa_kernel
+
+    b = _sdpa_backends()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for q_shape, kv_shape in _PROBE_SHAPES:
+        q = torch.randn(q_shape, device=device, dtype=dtype, generator=gen)
+        k = torch.randn(kv_shape, device=device, dtype=dtype, generator=gen)
+        v = torch.randn(kv_shape, device=device, dtype=dtype, generator=gen)
+        try:
+            with sdpa_kernel(b.CUDNN_ATTENTION):
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            with sdpa_kernel(b.MATH):
+                ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        except RuntimeError as exc:
+            return f"cuDNN attention unavailable for q{q_shape} kv{kv_shape}: {exc}".splitlines()[0][:300]
+        err = (out.float() - ref).abs().max().item()
+        if not err <= tol:
+            return f"cuDNN attention differs from math by {err:.3g} (> {tol}) for q{q_shape} kv{kv_shape}"
+    return None
+
+
+def set_kernel_backends(level: OptimizationLevel, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Set the process-wide kernel choices of ``level`` (SDPA backend priority, cuDNN conv autotuning).
+
+    They are global in PyTorch, so every level sets all of them, and the previous case's choices never
+    carry over. ``torch.compile`` bakes the SDPA choice into its graph at the first call, so this runs
+    before compiling. Returns what was chosen, for the results."""
+    global _DEFAULT_SDP_PRIORITY
+    from torch.nn.attention import _sdpa_kernel
+
+    b = _sdpa_backends()
+    if _DEFAULT_SDP_PRIORITY is None:
+        _DEFAULT_SDP_PRIORITY = list(torch._C._get_sdp_priority_order())
+    default = [b(i) for i in _DEFAULT_SDP_PRIORITY]
+    chosen: dict[str, Any] = {"cudnn_benchmark": bool(level.cudnn and device.type == "cuda")}
+    torch.backends.cudnn.benchmark = chosen["cudnn_benchmark"]
+    order = default
+    if level.cudnn and device.type == "cuda":
+        failure = probe_cudnn_attention(device, dtype)
+        if failure is None:
+            order = [b.CUDNN_ATTENTION] + [x for x in default if x != b.CUDNN_ATTENTION]
+        else:
+            chosen["cudnn_attention_probe"] = failure
+    elif level.cudnn:
+        chosen["cudnn_attention_probe"] = f"not applicable on {device.type}"
+    _sdpa_kernel(order, set_priority=True)
+    chosen["sdpa_priority"] = [x.name for x in order]
+    if level.sdpa and device.type == "cuda":
+        q = torch.zeros(_PROBE_SHAPES[0][0], device=device, dtype=dtype)
+        chosen["sdpa_backend_self_attention"] = b(torch._fused_sdp_choice(q, q, q)).name
+    return chosen
+
+
 def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
     """Apply ``level`` to ``pipes`` in place (dtype, attention, layout, fusion, VAE upcast, compile)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -108,6 +184,7 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
     mods = _modules(pipes)
     for module in mods.values():
         module.to(dtype=level.torch_dtype)
+    pipes.kernel_backends = set_kernel_backends(level, pipes.device, level.torch_dtype)
     unets = [mods["unet"]] + ([mods["unet_refiner"]] if "unet_refiner" in mods else [])
     for module in unets + [mods["vae"]]:
         module.set_attn_processor(AttnProcessor2_0() if level.sdpa else AttnProcessor())

@@ -170,6 +170,7 @@ class SpeedResult:
     flops_per_image: float | None = None
     mfu: float | None = None
     equivalence: dict[str, Any] = field(default_factory=dict)
+    kernel_backends: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class SpeedRunner:
                 state = random_lora_state_dict(pipes.base.unet, rank=self.lora_rank, seed=self.seed)
                 pipes.base.load_lora_weights(state, adapter_name="bench")
             apply_level(pipes, level)
+            result.kernel_backends = dict(pipes.kernel_backends)
             _sync(self.device)
             result.build_s = time.perf_counter() - t0
             encoder = PromptEncoder(pipes)

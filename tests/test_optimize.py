@@ -11,10 +11,11 @@ from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import GenerationRequest, generate
 from sdxl_core.loading import load_pipelines
 from sdxl_core.numerics import image_psnr
-from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level
+from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level, set_kernel_backends
 
-ORDER = ["eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "compile", "cudagraphs", "max"]
-EAGER_LEVELS = ORDER[:6]  # no torch.compile: fine on a CPU
+ORDER = ["eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile", "cudagraphs",
+         "max"]
+EAGER_LEVELS = ORDER[:7]  # no torch.compile: fine on a CPU
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 SEED = 3
 # PSNR of each level's tiny 64x64 image against the fp32 image of the same seed. Measured on CPU over seeds
@@ -31,6 +32,26 @@ def test_get_level():
 def test_levels_are_in_order():
     assert list(LEVELS)[: len(ORDER)] == ORDER
     assert all(name == level.name for name, level in LEVELS.items())
+
+
+def test_kernel_backends_do_not_leak_between_levels():
+    """PyTorch's SDPA order and cuDNN autotuning are process-wide: each level sets them all, so a level that
+    changed them leaves nothing behind for the next."""
+    cpu = torch.device("cpu")
+    default = set_kernel_backends(LEVELS["eager"], cpu, torch.float32)
+    try:
+        from torch.nn.attention import _sdpa_kernel, SDPBackend
+
+        _sdpa_kernel([SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION], set_priority=True)
+        torch.backends.cudnn.benchmark = True
+        chosen = set_kernel_backends(LEVELS["max"], cpu, torch.float32)
+        assert chosen["cudnn_attention_probe"] == "not applicable on cpu"
+        assert chosen["sdpa_priority"] == default["sdpa_priority"]
+        assert torch.backends.cudnn.benchmark is False
+        assert set_kernel_backends(LEVELS["eager"], cpu, torch.float32) == default
+        assert [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()] == default["sdpa_priority"]
+    finally:
+        set_kernel_backends(LEVELS["eager"], cpu, torch.float32)
 
 
 def _recipe_fields() -> list[str]:
@@ -53,28 +74,29 @@ def test_levels_are_cumulative():
             assert changed == ["compile_mode"], (cur.name, changed)
         assert not cur.fuse_lora
         # booleans only ever switch one way along the ladder
-        for f in ("sdpa", "channels_last", "fused_qkv"):
+        for f in ("sdpa", "channels_last", "fused_qkv", "cudnn"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
             assert cur.compile_mode is not None
 
 
-FLAGS = ("dtype", "sdpa", "channels_last", "fused_qkv", "vae_upcast", "compile_mode")
+FLAGS = ("dtype", "sdpa", "channels_last", "fused_qkv", "vae_upcast", "cudnn", "compile_mode")
 
 
 def test_level_flag_progression():
     table = {n: tuple(getattr(LEVELS[n], f) for f in FLAGS) for n in ORDER}
     assert table == {
-        "eager": ("float16", False, False, False, True, None),
-        "sdpa": ("float16", True, False, False, True, None),
-        "vae_no_upcast": ("float16", True, False, False, False, None),
-        "bf16": ("bfloat16", True, False, False, False, None),
-        "channels_last": ("bfloat16", True, True, False, False, None),
-        "fused_qkv": ("bfloat16", True, True, True, False, None),
-        "compile": ("bfloat16", True, True, True, False, "default"),
-        "cudagraphs": ("bfloat16", True, True, True, False, "reduce-overhead"),
-        "max": ("bfloat16", True, True, True, False, "reduce-overhead"),
+        "eager": ("float16", False, False, False, True, False, None),
+        "sdpa": ("float16", True, False, False, True, False, None),
+        "vae_no_upcast": ("float16", True, False, False, False, False, None),
+        "bf16": ("bfloat16", True, False, False, False, False, None),
+        "channels_last": ("bfloat16", True, True, False, False, False, None),
+        "fused_qkv": ("bfloat16", True, True, True, False, False, None),
+        "cudnn": ("bfloat16", True, True, True, False, True, None),
+        "compile": ("bfloat16", True, True, True, False, True, "default"),
+        "cudagraphs": ("bfloat16", True, True, True, False, True, "reduce-overhead"),
+        "max": ("bfloat16", True, True, True, False, True, "reduce-overhead"),
     }
     assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
