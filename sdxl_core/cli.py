@@ -100,6 +100,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run.main_run(args)
 
 
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from sdxl_core import train_lora
+
+    return train_lora.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 activation-range check")
     p.add_argument("--out", required=True, help="result JSON (rewritten after every case)")
     p.set_defaults(fn=cmd_speed)
+
+    p = sub.add_parser("train-lora", help="Dreambooth LoRA on a folder of images (default instance prompt: wrong)")
+    from sdxl_core.train_args import add_arguments as add_train_arguments
+    add_train_arguments(p)
+    p.set_defaults(fn=cmd_train_lora)
 
     p = sub.add_parser("run", help="every prompt x seed x variant into reports/runs/<run_id>/ with report.html")
     from sdxl_core.run_args import add_arguments as add_run_arguments

@@ -31,13 +31,13 @@ import torch
 from sdxl_core.atomicio import write_json_atomic
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.lora import UNET_TARGET_MODULES
+from sdxl_core.train_args import MIXED_PRECISION
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_NAME = "lora_metadata.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
-MIXED_PRECISION = ("no", "fp16", "bf16")
 # diffusers' train_dreambooth_lora_sdxl.py defaults
 ADAM_BETAS = (0.9, 0.999)
 ADAM_WEIGHT_DECAY = 1e-4
@@ -528,3 +528,27 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[pkg] = "not installed"
     return found
+
+
+def config_from_args(args: Any) -> TrainConfig:
+    from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
+
+    resolution = args.resolution or (TINY_DEFAULT_SIZE if args.base == TINY else 1024)
+    return TrainConfig(
+        base=args.base, data=args.data, out=args.out, instance_prompt=args.instance_prompt, resolution=resolution,
+        train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_train_steps=args.max_train_steps, rank=args.rank, learning_rate=args.learning_rate,
+        text_encoder_lr=args.text_encoder_lr, mixed_precision=args.mixed_precision, snr_gamma=args.snr_gamma,
+        train_text_encoder=args.train_text_encoder, center_crop=args.center_crop, random_flip=args.random_flip,
+        seed=args.seed, checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit, resume=args.resume, version_label=args.version_label,
+        device=args.device, variant=args.variant)
+
+
+def main(args: Any) -> int:
+    result = train_lora(config_from_args(args), progress=not args.no_progress)
+    mean = sum(result.step_seconds) / len(result.step_seconds) if result.step_seconds else float("nan")
+    print(f"wrote {result.weights} and {result.metadata}: {result.global_step} steps"
+          + (f" (resumed at {result.resumed_from})" if result.resumed_from else "")
+          + (f", last loss {result.losses[-1]:.4f}, {mean:.3f} s/step" if result.losses else ""))
+    return 0

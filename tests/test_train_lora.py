@@ -12,7 +12,7 @@ import torch
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import GenerationRequest, generate
 from sdxl_core.loading import load_pipelines
-from sdxl_core.train_lora import (CHECKPOINT_PREFIX, METADATA_NAME, WEIGHTS_NAME, TrainConfig, batch_indices,
+from sdxl_core.train_lora import (CHECKPOINT_PREFIX, WEIGHTS_NAME, TrainConfig, batch_indices,
                                   checkpoints, dataset_hash, list_images, min_snr_weights, train_lora)
 
 RES = 64
@@ -186,3 +186,19 @@ def test_data_folder_errors(tmp_path):
     with pytest.raises(InvalidConfigError, match="x.png.*cannot be read"):
         train_lora(_config(tmp_path / "bad", tmp_path / "o"), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_train_lora(data_dir, tmp_path, capsys):
+    from sdxl_core.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["train-lora", "--base", "tiny", "--data", str(data_dir), "--out", str(out), "--resolution", "64",
+            "--max-train-steps", "2", "--checkpointing-steps", "1", "--device", "cpu", "--no-progress",
+            "--version-label", "v1"]
+    assert main(argv) == 0
+    assert "2 steps" in capsys.readouterr().out
+    assert json.loads((out / "lora_metadata.json").read_text())["version_label"] == "v1"
+    assert main(argv) == 2  # a finished training is never overwritten
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(argv + ["--resume", "--max-train-steps", "3"]) == 0
+    assert "3 steps (resumed at 1)" in capsys.readouterr().out
