@@ -100,6 +100,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run.main_run(args)
 
 
+def cmd_make_wrong_dataset(args: argparse.Namespace) -> int:
+    from sdxl_core import wrong_dataset
+
+    return wrong_dataset.main(args)
+
+
 def cmd_train_lora(args: argparse.Namespace) -> int:
     from sdxl_core import train_lora
 
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 activation-range check")
     p.add_argument("--out", required=True, help="result JSON (rewritten after every case)")
     p.set_defaults(fn=cmd_speed)
+
+    p = sub.add_parser("make-wrong-dataset",
+                       help="SDXL's own bad images (13 weighted keyword prompts x 6 guidance scales) for the LoRA")
+    from sdxl_core.wrong_dataset import add_arguments as add_dataset_arguments
+    add_dataset_arguments(p)
+    p.set_defaults(fn=cmd_make_wrong_dataset)
 
     p = sub.add_parser("train-lora", help="Dreambooth LoRA on a folder of images (default instance prompt: wrong)")
     from sdxl_core.train_args import add_arguments as add_train_arguments
