@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BENCH_ARGS ?= --base tiny --refiner tiny --size 128 --steps 20 --guidance-scale 13 --high-noise-frac 0.8 \
               --num-prompts 4 --seeds 0,1
 
-.PHONY: venv test bench
+.PHONY: venv test bench bench-train
 
 venv: $(STAMP)
 
@@ -23,3 +23,7 @@ test: venv
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sdxl-bench run $(BENCH_ARGS)
+
+# Seconds per LoRA training step on the tiny model (64 and 128 px) next to a plain peft loop.
+bench-train: venv
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/python bench/train_lora_overhead.py --threads 1

@@ -59,13 +59,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from sdxl_core.flops import split_steps
 
         split_steps(settings.steps, settings.high_noise_frac)  # SDXL's scheduler: both stages need a step
-    if args.lora and not Path(args.lora).is_file():
-        raise SdxlBenchError(f"--lora {args.lora!r} is not a file; give the path of pytorch_lora_weights.safetensors")
+    if args.lora:
+        from sdxl_core.run import check_lora
+
+        lora, _ = check_lora(args.lora, args.allow_pickle)  # parsed and found before any model is loaded
     t0 = time.perf_counter()
     pipes = load_pipelines(args.base, args.refiner, vae=args.vae, device=args.device, dtype=args.dtype,
                            variant=args.variant)
     if args.lora:
-        pipes.base.load_lora_weights(args.lora, adapter_name="lora")
+        from sdxl_core.lora_files import load_loras
+
+        load_loras(pipes, [lora])  # validated in full, on the base only
     t1 = time.perf_counter()
     result = generate(pipes, request)
     t2 = time.perf_counter()
@@ -130,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--high-noise-frac", type=float, default=0.8)
     p.add_argument("--width", type=int, default=None, help="default 1024 (128 for tiny)")
     p.add_argument("--height", type=int, default=None, help="default 1024 (128 for tiny)")
-    p.add_argument("--lora", default=None, help="a LoRA .safetensors for the base")
+    p.add_argument("--lora", default=None, help="a LoRA for the base: NAME@VERSION=PATH, NAME=PATH or PATH")
+    p.add_argument("--allow-pickle", action="store_true", help="also read LoRA pickle files (only trusted ones)")
     p.add_argument("--lora-scale", type=float, default=None, help="default 1 with --lora, else 0")
     p.add_argument("--no-compel", action="store_true", help="plain prompts instead of compel weighting")
     p.add_argument("--out", required=True, help="PNG file to write")

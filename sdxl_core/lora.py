@@ -10,28 +10,22 @@ UNET_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 
 @torch.no_grad()
 def random_lora_state_dict(unet: torch.nn.Module, rank: int = 4, seed: int = 0, std: float = 0.05,
-                           adapter_name: str = "random-lora") -> dict[str, torch.Tensor]:
-    """A rank-``rank`` LoRA for ``unet`` with random A and B (so it changes the output), in diffusers format.
+                           ) -> dict[str, torch.Tensor]:
+    """A rank-``rank`` LoRA for ``unet`` with random down and up matrices (so it changes the output).
 
-    Built the way the Dreambooth LoRA script builds its adapter (peft ``LoraConfig`` on the attention
-    projections, ``lora_alpha = rank``), exported with ``get_peft_model_state_dict`` and
-    ``convert_state_dict_to_diffusers``; the adapter is removed from ``unet`` again afterwards.
+    It has the layout the Dreambooth LoRA script saves (peft ``LoraConfig`` on the attention projections,
+    exported with ``convert_state_dict_to_diffusers``): ``unet.<module>.lora.down.weight`` of shape
+    (rank, in_features) and ``unet.<module>.lora.up.weight`` of shape (out_features, rank). It is built from
+    the module shapes alone, so ``unet`` is left exactly as it was (no adapter, no peft wrapper layers).
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                        target_modules=list(UNET_TARGET_MODULES))
-    unet.add_adapter(config, adapter_name=adapter_name)
-    try:
-        gen = torch.Generator(device=unet.device).manual_seed(seed)
-        for name, param in unet.named_parameters():
-            if "lora_" in name and adapter_name in name:
-                value = torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32) * std
-                param.copy_(value.to(param.dtype))
-        state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-        state = {k: v.detach().clone() for k, v in convert_state_dict_to_diffusers(state).items()}
-    finally:
-        unet.delete_adapters(adapter_name)
-    return {f"unet.{k}": v for k, v in state.items()}
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if not any(name == t or name.endswith("." + t) for t in UNET_TARGET_MODULES):
+            continue
+        dtype = module.weight.dtype
+        state[f"unet.{name}.lora.down.weight"] = (torch.randn(rank, module.in_features, generator=gen) * std).to(dtype)
+        state[f"unet.{name}.lora.up.weight"] = (torch.randn(module.out_features, rank, generator=gen) * std).to(dtype)
+    return state

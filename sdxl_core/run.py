@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import fcntl
+import json
 import os
 import platform
 import re
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sdxl_core.atomicio import append_json_line, write_json_atomic, write_png_atomic
-from sdxl_core.errors import InvalidConfigError
+from sdxl_core.errors import InvalidConfigError, SdxlBenchError
 from sdxl_core.generate import GenerationRequest, GenerationSettings, PromptEncoder, check_prompts, generate
 from sdxl_core.loading import default_device, load_pipelines, resolve_dtype
 from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
@@ -39,7 +40,6 @@ from sdxl_core.variants import (DEFAULT_WITH_LORA, DEFAULT_WITHOUT_LORA, Variant
                                 parse_variant_list)
 
 SCHEMA_VERSION = 1
-LORA_ADAPTER = "lora"
 TINY_DEFAULT_STEPS = 20
 WARMUP_STEPS = 4
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -55,7 +55,8 @@ class RunConfig:
     base: str = TINY
     refiner: str | None = TINY
     vae: str | None = None
-    lora: str | None = None
+    lora: str | None = None  # NAME@VERSION=PATH, NAME=PATH or PATH (see sdxl_core.lora_files)
+    allow_pickle: bool = False  # let --lora read .bin/.ckpt/.pt/.pth (torch.load with weights_only=True)
     variants: tuple[str, ...] | None = None
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     seeds: tuple[int, ...] = (0, 1)
@@ -79,7 +80,8 @@ class ResolvedRun:
     variants_note: str | None
     device: str
     dtype: str
-    lora: str | None
+    lora: Any  # sdxl_core.lora_files.LoraSpec or None
+    lora_record: dict[str, Any] | None  # name, version, file, sha256, size and metadata, before loading
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,19 +140,44 @@ def resolve_variants(names: Sequence[str] | None, has_lora: bool) -> tuple[tuple
     return variants, None
 
 
-def check_lora_path(lora: str | None) -> str | None:
+def check_lora(lora: str | None, allow_pickle: bool = False) -> tuple[Any, dict[str, Any] | None]:
+    """Parse ``--lora`` and find its file (nothing is loaded): the spec, and the record a run keeps of it
+    (name, version, path, sha256, size, safetensors metadata), so results can be tracked across versions."""
     if lora is None:
-        return None
+        return None, None
+    from sdxl_core import lora_files
+
     if not isinstance(lora, str) or not lora.strip():
-        raise InvalidConfigError("--lora is empty; give the path of a LoRA .safetensors file")
-    path = Path(lora).expanduser()
-    if path.is_dir() and (path / "pytorch_lora_weights.safetensors").is_file():
-        return str(path.resolve())
-    if not path.is_file():
-        raise InvalidConfigError(
-            f"--lora {lora!r} is not a file; give the path of a LoRA .safetensors file (such as "
-            f"pytorch_lora_weights.safetensors) or a folder holding pytorch_lora_weights.safetensors")
-    return str(path.resolve())
+        raise InvalidConfigError("--lora is empty; give NAME@VERSION=PATH, or the path of a LoRA .safetensors file")
+    try:
+        spec = lora_files.parse_lora_spec(lora, allow_pickle=allow_pickle)
+        path = lora_files.resolve_lora_file(spec)
+    except SdxlBenchError as exc:
+        raise type(exc)(f"--lora {lora!r}: {exc}") from None
+    record = lora_files.lora_record(spec, path)
+    if record.file_format == "pickle" and not allow_pickle:
+        raise lora_files.LoraFileError(f"LoRA file {path} is a pickle file, which can run code when loaded; "
+                                       f"convert it to .safetensors, or pass --allow-pickle if you trust it")
+    doc = record.as_dict()
+    doc["training"] = _training_sidecar(Path(path), record.sha256)
+    return spec, doc
+
+
+def _training_sidecar(weights: Path, sha256: str) -> dict[str, Any] | None:
+    """What ``sdxl-bench train-lora`` wrote beside these weights (version label, steps, dataset hash, final
+    loss), when its sidecar is there and describes this very file (same sha256)."""
+    from sdxl_core.train_lora import METADATA_NAME
+
+    sidecar = weights.parent / METADATA_NAME
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("sha256") != sha256:
+        return None
+    losses = meta.get("loss_curve") or []
+    keep = ("version_label", "base_model", "instance_prompt", "rank", "steps", "learning_rate", "dataset")
+    return {**{k: meta.get(k) for k in keep}, "final_loss": losses[-1] if losses else None}
 
 
 def _check_models(config: RunConfig) -> None:
@@ -190,7 +217,7 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
         raise InvalidConfigError("prompts must be a list of strings, not one string")
     check_prompts(list(config.prompts))
     seeds = check_seeds(config.seeds)
-    lora = check_lora_path(config.lora)
+    lora, lora_record = check_lora(config.lora, config.allow_pickle)
     variants, note = resolve_variants(config.variants, lora is not None)
     run_id = check_run_id(config.run_id) if config.run_id is not None else new_run_id()
     if not isinstance(config.run_dir, (str, os.PathLike)) or not str(config.run_dir).strip() \
@@ -210,7 +237,7 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
     resolved_config = replace(config, prompts=tuple(config.prompts), seeds=seeds, run_id=run_id,
                               variants=tuple(v.name for v in variants))
-    return ResolvedRun(resolved_config, run_id, root / run_id, variants, note, str(device), dtype, lora)
+    return ResolvedRun(resolved_config, run_id, root / run_id, variants, note, str(device), dtype, lora, lora_record)
 
 
 def config_document(run: ResolvedRun) -> dict[str, Any]:
@@ -225,7 +252,7 @@ def config_document(run: ResolvedRun) -> dict[str, Any]:
             "refiner": c.refiner,
             "vae": c.vae,
             "weights_variant": c.weights_variant,
-            "lora": run.lora,
+            "lora": run.lora_record,
             "variants": [asdict(v) for v in run.variants],
             "variants_note": run.variants_note,
             "prompts": list(c.prompts),
@@ -365,10 +392,11 @@ def _render(run: ResolvedRun, pending: list[WorkItem], progress: bool) -> None:
     pipes = load_pipelines(c.base, c.refiner, vae=c.vae, device=run.device, dtype=run.dtype,
                            variant=c.weights_variant)
     if run.lora is not None:
-        try:
-            pipes.base.load_lora_weights(run.lora, adapter_name=LORA_ADAPTER)
-        except Exception as exc:
-            raise InvalidConfigError(f"--lora {run.lora!r} could not be loaded on the base: {exc}") from exc
+        from sdxl_core.lora_files import load_loras
+
+        # Checked in full (keys, shapes against this base, dtypes, NaN/inf) before anything is loaded; on the base
+        # only, never the refiner. Each image then sets the LoRA's scale (0 for the variants without it).
+        load_loras(pipes, [run.lora])
     encoder = PromptEncoder(pipes) if c.settings.use_compel else None
     if c.warmup:
         first_of_each: dict[str, WorkItem] = {}
@@ -408,6 +436,8 @@ def _render_one(pipes: Any, encoder: Any, run: ResolvedRun, item: WorkItem) -> d
         "seed": item.seed,
         "negative_prompt": item.variant.negative_prompt,
         "lora_scale": item.variant.lora_scale,
+        "lora": ({"label": f"{run.lora_record['name']}@{run.lora_record['version']}",
+                  "sha256": run.lora_record["sha256"]} if item.variant.needs_lora and run.lora_record else None),
         "file": None,
         "seconds": None,
         "stage_seconds": {},
@@ -473,7 +503,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     settings = GenerationSettings(steps=steps, guidance_scale=args.guidance_scale, high_noise_frac=args.high_noise_frac,
                                   width=size, height=size, use_compel=not args.no_compel)
     return RunConfig(
-        base=base, refiner=refiner, vae=args.vae, lora=args.lora,
+        base=base, refiner=refiner, vae=args.vae, lora=args.lora, allow_pickle=args.allow_pickle,
         variants=parse_variant_list(args.variants) if args.variants is not None else None,
         prompts=tuple(prompts), seeds=parse_seeds(args.seeds), settings=settings,
         device=args.device, dtype=args.dtype, run_dir=args.run_dir, run_id=args.run_id,

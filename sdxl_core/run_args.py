@@ -14,7 +14,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tiny, else none)")
     p.add_argument("--vae", default=None, help="VAE override, e.g. madebyollin/sdxl-vae-fp16-fix or a folder")
     p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 for the hub SDXL repos")
-    p.add_argument("--lora", default=None, help="LoRA .safetensors for the base (needed by wrong_lora)")
+    p.add_argument("--lora", default=None,
+                   help="the LoRA for the base (needed by wrong_lora): NAME@VERSION=PATH, NAME=PATH or PATH "
+                        "(a .safetensors file or a folder with pytorch_lora_weights.safetensors)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read LoRA pickle files (.bin/.ckpt/.pt/.pth); only for files you trust")
     p.add_argument("--variants", default=None,
                    help="comma-separated: baseline, wrong_negative, wrong_lora (default: all three with --lora, "
                         "else the first two)")

@@ -1,6 +1,5 @@
 import json
 import os
-import types
 from dataclasses import replace
 
 import numpy as np
@@ -19,47 +18,38 @@ SMALL = GenerationSettings(steps=4, width=64, height=64)
 
 
 # ------------------------------------------------------------------------------------------------
-# Fakes: no model is built, so these tests are about the job itself
+# The real tiny pipelines behind a spy: it counts model loads, records each generation request, and makes
+# chosen requests fail (fault injection); everything else is the real diffusers code path.
 # ------------------------------------------------------------------------------------------------
 
 
-class FakeBase:
-    def __init__(self):
-        self.loras = []
-
-    def load_lora_weights(self, path, adapter_name=None):
-        self.loras.append((path, adapter_name))
-
-    def fuse_lora(self, *a, **k):  # the run must switch the LoRA per call, never fuse it
-        raise AssertionError("fuse_lora must not be called")
-
-
-class Fakes:
-    def __init__(self, fail=lambda request: False):
+class Spy:
+    def __init__(self, pipes, fail=lambda request: False):
         self.loads = 0
         self.requests = []
         self.fail = fail
-        self.pipes = types.SimpleNamespace(base=FakeBase(), refiner=object())
+        self.pipes = pipes
 
     def load_pipelines(self, *args, **kwargs):
         self.loads += 1
         return self.pipes
 
     def generate(self, pipes, request, encoder=None, clock=None):
+        from sdxl_core.generate import generate
+
         self.requests.append(request)
         if self.fail(request):
             raise RuntimeError(f"boom <{request.prompt}>")
-        image = Image.new("RGB", (request.settings.width, request.settings.height), (request.seed % 256, 0, 0))
-        return types.SimpleNamespace(images=[image], stage_seconds={"base_denoising": 0.01})
+        return generate(pipes, request, encoder, clock)
 
 
 @pytest.fixture
-def fakes(monkeypatch):
-    f = Fakes()
-    monkeypatch.setattr(run_mod, "load_pipelines", f.load_pipelines)
-    monkeypatch.setattr(run_mod, "generate", f.generate)
-    monkeypatch.setattr(run_mod, "PromptEncoder", lambda pipes: "encoder")
-    return f
+def spy(monkeypatch, tiny_pipes):
+    """Runs on the session's shared tiny pipelines (a run without a LoRA leaves them unchanged)."""
+    s = Spy(tiny_pipes)
+    monkeypatch.setattr(run_mod, "load_pipelines", s.load_pipelines)
+    monkeypatch.setattr(run_mod, "generate", s.generate)
+    return s
 
 
 def config(tmp_path, **changes):
@@ -78,10 +68,10 @@ def rows(folder):
 
 
 @pytest.mark.parametrize("run_id", ["../x", "..", "a/b", "/abs", "a\0b", "", ".hidden", "a\\b", "x" * 200])
-def test_unsafe_run_ids_are_refused(tmp_path, fakes, run_id):
+def test_unsafe_run_ids_are_refused(tmp_path, spy, run_id):
     with pytest.raises(InvalidConfigError, match="run id"):
         run_job(config(tmp_path, run_id=run_id))
-    assert fakes.loads == 0 and not (tmp_path / "runs").exists()
+    assert spy.loads == 0 and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -98,10 +88,10 @@ def test_unsafe_run_ids_are_refused(tmp_path, fakes, run_id):
     ({"dtype": "int8"}, "dtype"),
     ({"device": "not-a-device"}, "device"),
 ])
-def test_bad_configs_fail_before_loading(tmp_path, fakes, changes, match):
+def test_bad_configs_fail_before_loading(tmp_path, spy, changes, match):
     with pytest.raises(InvalidConfigError, match=match):
         run_job(config(tmp_path, **changes))
-    assert fakes.loads == 0 and not (tmp_path / "runs").exists()
+    assert spy.loads == 0 and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -112,16 +102,16 @@ def test_bad_configs_fail_before_loading(tmp_path, fakes, changes, match):
     ({"base": "/no/such/sdxl-base"}, "--refiner tiny only pairs with --base tiny"),
     ({"base": "sdxl-random", "refiner": "tiny"}, "sdxl-random"),
 ])
-def test_missing_models_fail_before_the_run_folder(tmp_path, fakes, monkeypatch, changes, match):
+def test_missing_models_fail_before_the_run_folder(tmp_path, spy, monkeypatch, changes, match):
     from sdxl_core.errors import SdxlBenchError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SdxlBenchError, match=match):
         run_job(config(tmp_path, **changes))
-    assert fakes.loads == 0 and not (tmp_path / "runs").exists()
+    assert spy.loads == 0 and not (tmp_path / "runs").exists()
 
 
-def test_cuda_without_cuda_is_refused(tmp_path, fakes):
+def test_cuda_without_cuda_is_refused(tmp_path, spy):
     import torch
 
     if torch.cuda.is_available():
@@ -130,7 +120,7 @@ def test_cuda_without_cuda_is_refused(tmp_path, fakes):
         run_job(config(tmp_path, device="cuda"))
 
 
-def test_default_variants_without_lora_leave_out_wrong_lora_and_say_so(tmp_path, fakes, capsys):
+def test_default_variants_without_lora_leave_out_wrong_lora_and_say_so(tmp_path, spy, capsys):
     report = run_job(config(tmp_path))
     folder = report.parent
     doc = json.loads((folder / "config.json").read_text())
@@ -138,16 +128,38 @@ def test_default_variants_without_lora_leave_out_wrong_lora_and_say_so(tmp_path,
     assert "wrong_lora needs --lora" in doc["config"]["variants_note"]
     assert "wrong_lora needs --lora" in capsys.readouterr().err
     assert "wrong_lora needs --lora" in report.read_text()
-    assert fakes.pipes.base.loras == []
 
 
-def test_variants_with_lora(tmp_path, fakes):
+def test_variants_with_lora(tmp_path, spy):
+    from safetensors.torch import save_file
+
+    from sdxl_core.loading import load_pipelines
+    from sdxl_core.lora import random_lora_state_dict
+
+    spy.pipes = load_pipelines("tiny", "tiny", device="cpu")  # its own: the LoRA is loaded onto it
     lora = tmp_path / "wrong.safetensors"
-    lora.write_bytes(b"not read by the fake")
-    report = run_job(config(tmp_path, lora=str(lora), prompts=("a wolf",), seeds=(3,)))
-    assert fakes.pipes.base.loras == [(str(lora.resolve()), run_mod.LORA_ADAPTER)]
-    assert [(r.negative_prompt, r.lora_scale) for r in fakes.requests] == [(None, 0.0), ("wrong", 0.0), ("wrong", 1.0)]
-    assert [r["variant"] for r in rows(report.parent)] == ["baseline", "wrong_negative", "wrong_lora"]
+    save_file(random_lora_state_dict(spy.pipes.base.unet, rank=4, seed=0), str(lora))
+    report = run_job(config(tmp_path, lora=f"wrong@v3={lora}", prompts=("a wolf",), seeds=(3,)))
+    assert spy.pipes.base.get_list_adapters() == {"unet": ["wrong__v3"]}
+    assert not getattr(spy.pipes.refiner.unet, "peft_config", None)  # never on the refiner
+    assert [(r.negative_prompt, r.lora_scale) for r in spy.requests] == [(None, 0.0), ("wrong", 0.0), ("wrong", 1.0)]
+    result = rows(report.parent)
+    assert [r["variant"] for r in result] == ["baseline", "wrong_negative", "wrong_lora"]
+    record = json.loads((report.parent / "config.json").read_text())["config"]["lora"]
+    import hashlib
+
+    assert record["label"] == "wrong@v3" and record["path"] == str(lora)
+    assert record["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert record["size_bytes"] == lora.stat().st_size
+    assert [r["lora"] for r in result] == [None, None, {"label": "wrong@v3", "sha256": record["sha256"]}]
+
+
+def test_lora_pickle_refused_unless_allowed(tmp_path, spy):
+    lora = tmp_path / "wrong.bin"
+    lora.write_bytes(b"pickle")
+    with pytest.raises(InvalidConfigError, match="--allow-pickle"):
+        run_job(config(tmp_path, lora=str(lora)))
+    assert spy.loads == 0 and not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,11 +167,11 @@ def test_variants_with_lora(tmp_path, fakes):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_run_folder_layout(tmp_path, fakes):
+def test_run_folder_layout(tmp_path, spy):
     report = run_job(config(tmp_path))
     folder = tmp_path / "runs" / "r1"
     assert report == folder / "report.html"
-    assert fakes.loads == 1
+    assert spy.loads == 1
     doc = json.loads((folder / "config.json").read_text())
     assert doc["run_id"] == "r1" and doc["config"]["prompts"] == ["a wolf", "an eye"]
     assert doc["config"]["settings"]["steps"] == 4 and doc["config"]["device"] == "cpu"
@@ -177,8 +189,8 @@ def test_run_folder_layout(tmp_path, fakes):
     assert not list(folder.rglob(".*.tmp"))
 
 
-def test_a_failing_image_is_an_error_row_and_the_run_goes_on(tmp_path, fakes):
-    fakes.fail = lambda request: request.prompt == "an eye" and request.negative_prompt == "wrong"
+def test_a_failing_image_is_an_error_row_and_the_run_goes_on(tmp_path, spy):
+    spy.fail = lambda request: request.prompt == "an eye" and request.negative_prompt == "wrong"
     report = run_job(config(tmp_path))
     result = rows(report.parent)
     errors = [r for r in result if r["status"] == "error"]
@@ -188,25 +200,25 @@ def test_a_failing_image_is_an_error_row_and_the_run_goes_on(tmp_path, fakes):
     assert run_mod.summarize(report.parent) == {"ok": 6, "error": 2, "missing": 0}
 
     # Resume: only the failed images are made again; they now succeed.
-    fakes.fail = lambda request: False
-    fakes.requests.clear()
+    spy.fail = lambda request: False
+    spy.requests.clear()
     run_job(config(tmp_path))
-    assert [(r.prompt, r.negative_prompt, r.seed) for r in fakes.requests] == [("an eye", "wrong", 0),
+    assert [(r.prompt, r.negative_prompt, r.seed) for r in spy.requests] == [("an eye", "wrong", 0),
                                                                                 ("an eye", "wrong", 1)]
     assert run_mod.summarize(report.parent) == {"ok": 8, "error": 0, "missing": 0}
     assert len(rows(report.parent)) == 10  # append-only
 
 
-def test_resume_skips_done_images_and_redoes_missing_files(tmp_path, fakes):
+def test_resume_skips_done_images_and_redoes_missing_files(tmp_path, spy):
     run_job(config(tmp_path))
     folder = tmp_path / "runs" / "r1"
     (folder / "images" / "baseline" / "1-0.png").unlink()
     with open(folder / "results.jsonl", "a") as fh:
         fh.write('{"variant": "baseline", "prom')  # a torn line from a crash
-    fakes.requests.clear()
-    fakes.loads = 0
+    spy.requests.clear()
+    spy.loads = 0
     run_job(config(tmp_path))
-    assert [(r.prompt, r.seed, r.negative_prompt) for r in fakes.requests] == [("an eye", 0, None)]
+    assert [(r.prompt, r.seed, r.negative_prompt) for r in spy.requests] == [("an eye", 0, None)]
     lines = (folder / "results.jsonl").read_text().splitlines()
     assert lines[-2] == '{"variant": "baseline", "prom'  # the torn line stays alone on its line
     last = json.loads(lines[-1])
@@ -214,19 +226,19 @@ def test_resume_skips_done_images_and_redoes_missing_files(tmp_path, fakes):
     assert (folder / "images" / "baseline" / "1-0.png").is_file()
 
     # Nothing left: the models are not even loaded.
-    fakes.loads = 0
+    spy.loads = 0
     run_job(config(tmp_path))
-    assert fakes.loads == 0
+    assert spy.loads == 0
 
 
-def test_resume_with_another_config_is_refused(tmp_path, fakes):
+def test_resume_with_another_config_is_refused(tmp_path, spy):
     run_job(config(tmp_path))
     with pytest.raises(InvalidConfigError, match="different configuration .*seeds"):
         run_job(config(tmp_path, seeds=(0, 1, 2)))
     run_job(config(tmp_path, warmup=True))  # the warm-up does not change images, so it may differ
 
 
-def test_a_run_folder_in_use_is_refused(tmp_path, fakes):
+def test_a_run_folder_in_use_is_refused(tmp_path, spy):
     folder = tmp_path / "runs" / "r1"
     folder.mkdir(parents=True)
     with run_mod._RunLock(folder):
@@ -234,9 +246,9 @@ def test_a_run_folder_in_use_is_refused(tmp_path, fakes):
             run_job(config(tmp_path))
 
 
-def test_warmup_runs_once_per_variant_and_is_not_recorded(tmp_path, fakes):
+def test_warmup_runs_once_per_variant_and_is_not_recorded(tmp_path, spy):
     report = run_job(config(tmp_path, warmup=True, prompts=("a wolf",), seeds=(0,)))
-    assert [(r.negative_prompt, r.settings.steps) for r in fakes.requests] == [
+    assert [(r.negative_prompt, r.settings.steps) for r in spy.requests] == [
         (None, 4), ("wrong", 4), (None, 4), ("wrong", 4)]
     assert len(rows(report.parent)) == 2
 
@@ -246,7 +258,7 @@ def test_warmup_runs_once_per_variant_and_is_not_recorded(tmp_path, fakes):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_cli_run_prints_the_report_path_last(tmp_path, fakes, capsys):
+def test_cli_run_prints_the_report_path_last(tmp_path, spy, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a wolf\n\n(oil on canvas)+++ a fox\nan eye\n")
     code = cli_main(["run", "--prompts-file", str(prompts), "--num-prompts", "2", "--seeds", "5",
@@ -260,8 +272,8 @@ def test_cli_run_prints_the_report_path_last(tmp_path, fakes, capsys):
     assert doc["refiner"] == "tiny"
 
 
-def test_cli_run_exit_codes(tmp_path, fakes, capsys):
-    fakes.fail = lambda request: True
+def test_cli_run_exit_codes(tmp_path, spy, capsys):
+    spy.fail = lambda request: True
     argv = ["run", "--num-prompts", "1", "--seeds", "0", "--size", "64", "--run-dir", str(tmp_path), "--no-warmup"]
     assert cli_main(argv + ["--run-id", "a"]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("report.html")
@@ -306,4 +318,4 @@ def test_tiny_run_with_lora_switches_it_per_call(tmp_path, monkeypatch):
     unet = loaded[-1].base.unet
     lora_layers = [m for m in unet.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
     assert lora_layers and not any(m.merged for m in lora_layers)  # never fused
-    assert run_mod.LORA_ADAPTER in unet.peft_config
+    assert "wrong__unversioned" in unet.peft_config

@@ -202,3 +202,25 @@ def test_cli_train_lora(data_dir, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main(argv + ["--resume", "--max-train-steps", "3"]) == 0
     assert "3 steps (resumed at 1)" in capsys.readouterr().out
+
+
+def test_the_trained_lora_drives_the_wrong_lora_variant(trained, tmp_path):
+    """train-lora's file goes through the run's loading path: validated, on the base, recorded with its version."""
+    from PIL import Image
+
+    from sdxl_core.generate import GenerationSettings
+    from sdxl_core.run import RunConfig, run_job
+
+    result, _ = trained
+    report = run_job(RunConfig(lora=f"wrong@v1={result.weights.parent}", prompts=("a wolf in a forest",),
+                               seeds=(0,), settings=GenerationSettings(steps=6, width=64, height=64),
+                               run_dir=str(tmp_path), run_id="loop", warmup=False), progress=False)
+    doc = json.loads((report.parent / "config.json").read_text())["config"]["lora"]
+    meta = json.loads(result.metadata.read_text())
+    assert doc["label"] == "wrong@v1" and doc["sha256"] == meta["sha256"]
+    assert doc["training"]["version_label"] == meta["version_label"] and doc["training"]["steps"] == 3
+    assert doc["training"]["final_loss"] == result.losses[-1]
+    lines = [json.loads(x) for x in (report.parent / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in lines] == ["ok"] * 3
+    img = {r["variant"]: np.asarray(Image.open(report.parent / r["file"]), dtype=np.int16) for r in lines}
+    assert np.abs(img["wrong_lora"] - img["wrong_negative"]).max() > 0
