@@ -1,0 +1,33 @@
+"""What a report and a comparison need to know about a metric, besides its value."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """Metadata of one metric, saved with every result so reports are rendered from JSON alone.
+
+    ``kind`` is ``"per_image"`` (one value per image, compared pairwise between variants) or ``"set"`` (one
+    value per image set). ``label`` qualifies a value that is not the standard score: ``"smoke"`` for a
+    randomly initialised CLIP (plumbing only, never a real score), ``"effnet-lite0 features"`` for FID/KID on
+    the offline feature network (not comparable to Inception FID), ``"shift from baseline"`` for set metrics
+    computed against the baseline variant instead of a reference set of real images.
+    """
+
+    name: str
+    display_name: str
+    higher_is_better: bool
+    kind: Literal["per_image", "set"]
+    unit: str = ""
+    description: str = ""
+    label: str | None = None
+
+    @property
+    def lower_is_better(self) -> bool:
+        return not self.higher_is_better
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "lower_is_better": self.lower_is_better}
