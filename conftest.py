@@ -14,6 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SDXL_BENCH_TEST_THREADS
 
 import pytest  # noqa: E402
 
+# The sdxl-bench plugin (--sdxl-* options, markers); also a pytest11 entry point once the package is installed.
+pytest_plugins = ["sdxl_core.pytest_plugin"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False,

@@ -1,0 +1,100 @@
+"""The sdxl-bench pytest plugin: ``--sdxl-*`` options, the resolved ``sdxl_config``, markers, machine info.
+
+Registered through the ``pytest11`` entry point (and by the repository's ``conftest.py``). A thin layer: the
+options are resolved by :mod:`sdxl_core.bench_config` (command line over ``[tool.sdxl-bench]`` in the
+rootdir's ``pyproject.toml`` over defaults).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sdxl_core.bench_config import OPTION_KEYS, BenchConfig, option_name, read_pyproject, resolve
+
+HELP = {
+    "base": "base model: tiny, sdxl-random, a hub id or a diffusers folder",
+    "refiner": "refiner model (default: tiny with a tiny base, else none)",
+    "vae": "VAE override, e.g. madebyollin/sdxl-vae-fp16-fix or a folder",
+    "lora": "NAME@VERSION=PATH of a LoRA for the base; repeat for several versions",
+    "prompts": "prompt file (txt, jsonl or yaml); default: the built-in set",
+    "seeds": "comma-separated seeds (default 0,1)",
+    "steps": "denoising steps, base + refiner (default 50; 20 for tiny)",
+    "guidance_scale": "classifier-free guidance scale (default 13)",
+    "high_noise_frac": "fraction of the steps on the base (default 0.8)",
+    "size": "image width = height (default 1024; 128 for tiny)",
+    "variants": "comma-separated variants: baseline, wrong_negative, wrong_lora and declared ones",
+    "reference": "folder of real images for FID/KID/CMMD (default: shift from the baseline variant)",
+    "clip_model": "open_clip MODEL:PRETRAINED or MODEL:/path/weights for CLIP score (default ViT-L-14:openai)",
+    "fid_features": "FID/KID features: inception (needs its weights) or effnet-lite0 (offline)",
+    "run_dir": "folder of run folders (default reports)",
+}
+MARKERS = {
+    "gpu": "needs a CUDA device (skipped without one)",
+    "slow": "real or full-size weights, long runs (opt-in with --run-slow)",
+    "bench": "a benchmark suite case (bench/)",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sdxl", "sdxl-bench (same keys under [tool.sdxl-bench] in pyproject.toml)")
+    for key in OPTION_KEYS:
+        kwargs: dict[str, Any] = {"dest": f"sdxl_{key}", "default": None, "help": HELP.get(key, key)}
+        if key == "lora":
+            kwargs["action"] = "append"
+        group.addoption(option_name(key), **kwargs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def resolve_config(config: pytest.Config) -> BenchConfig:
+    """The session's :class:`BenchConfig`; bad values stop the session with the message that names the fix."""
+    cli = {key: config.getoption(f"sdxl_{key}") for key in OPTION_KEYS}
+    rootdir = config.rootpath
+    try:
+        return resolve(cli, read_pyproject(rootdir), str(rootdir / "pyproject.toml"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(scope="session")
+def sdxl_config(pytestconfig: pytest.Config) -> BenchConfig:
+    """The resolved ``--sdxl-*`` / ``[tool.sdxl-bench]`` configuration."""
+    return resolve_config(pytestconfig)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """GPU name, driver, CUDA and the library versions a timing depends on, in pytest-benchmark's machine info."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    libs = {}
+    for pkg in ("torch", "diffusers", "transformers", "compel", "peft", "accelerate", "open-clip-torch",
+                "torchmetrics", "sdxl-bench"):
+        try:
+            libs[pkg] = version(pkg)
+        except PackageNotFoundError:
+            libs[pkg] = None
+    machine_info["sdxl_bench"] = {"libraries": libs, **_gpu_info()}
+
+
+def _gpu_info() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"gpu": None}
+    props = torch.cuda.get_device_properties(0)
+    info: dict[str, Any] = {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception as exc:  # optional: the driver version only; say why it is missing
+        info["driver"] = f"unknown ({type(exc).__name__})"
+    return info
