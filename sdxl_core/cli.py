@@ -110,6 +110,12 @@ def cmd_make_wrong_dataset(args: argparse.Namespace) -> int:
     return wrong_dataset.main(args)
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from sdxl_core import score
+
+    return score.main(args)
+
+
 def cmd_train_lora(args: argparse.Namespace) -> int:
     from sdxl_core import train_lora
 
@@ -177,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     from sdxl_core.train_args import add_arguments as add_train_arguments
     add_train_arguments(p)
     p.set_defaults(fn=cmd_train_lora)
+
+    p = sub.add_parser("score", help="CLIP score, FID, KID, CMMD and sanity of image folders or a run's variants")
+    from sdxl_core.score_args import add_arguments as add_score_arguments
+    add_score_arguments(p)
+    p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("run", help="every prompt x seed x variant into reports/runs/<run_id>/ with report.html")
     from sdxl_core.run_args import add_arguments as add_run_arguments

@@ -113,9 +113,9 @@ def load_reference_images(folder: str | Path, resolution: int | None = 1024,
     return torch.stack([load_image(p, resolution, resize_mode) for p in list_reference_images(folder)])
 
 
-def _features_of(network: Callable[[Tensor], Any], files: list[Path], resolution: int | None, resize_mode: str,
-                 batch_size: int) -> np.ndarray:
-    """Features of ``files``, in batches of images of equal size."""
+def features_of_files(network: Callable[[Tensor], Any], files: list[Path], resolution: int | None = None,
+                      resize_mode: str = "center-crop", batch_size: int = 32) -> np.ndarray:
+    """Features of ``files`` (generated or reference images, prepared the same way), in batches of equal size."""
     parts: list[np.ndarray] = []
     batch: list[Tensor] = []
 
@@ -218,7 +218,7 @@ def reference_features(folder: str | Path, network: Callable[[Tensor], Any], *, 
                       stacklevel=2)
         status = "recomputed"
 
-    features = _features_of(network, files, resolution, resize_mode, batch_size)
+    features = features_of_files(network, files, resolution, resize_mode, batch_size)
     buf = io.BytesIO()
     np.save(buf, features, allow_pickle=False)
     data = buf.getvalue()

@@ -1,0 +1,294 @@
+"""``sdxl-bench score``: metrics of image folders or of a run's variants, with paired comparisons.
+
+For a run folder every variant is a set, its images paired with the other variants' by ``(prompt, seed)``;
+each variant is compared with ``baseline``: per-image metrics (CLIP score) by a paired bootstrap over the
+shared pairs, set metrics (FID, KID, CMMD) against ``--reference`` real images by a paired bootstrap over
+images. Without a reference set, set metrics measure each variant's shift from ``baseline`` and carry that
+label; there is then no better/worse verdict. Images the sanity check flags (NaN, black, constant) are left
+out of every other metric and counted, never averaged in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sdxl_core.errors import InvalidConfigError
+from sdxl_core.score_inputs import ImageSet, collect_sets, load_images
+
+SCHEMA = "sdxl-bench score v1"
+from sdxl_core.score_args import METRICS
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    fake: str
+    reference: str | None = None
+    prompts: str | None = None
+    metrics: tuple[str, ...] = METRICS
+    features: str = "inception"
+    feature_weights: str | None = None
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str | None = None  # a tag such as "openai", or a local weights file
+    clip_smoke: bool = False
+    resolution: int | None = None  # resize (centre crop) before the feature networks; None: as stored
+    resamples: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+    def check(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise InvalidConfigError(f"--metrics {','.join(self.metrics)!r}: choose from {', '.join(METRICS)}")
+        from sdxl_core.metrics.features import FEATURE_NETWORKS
+
+        if self.features not in FEATURE_NETWORKS:
+            raise InvalidConfigError(f"--features {self.features!r}: choose from {', '.join(FEATURE_NETWORKS)}")
+        if self.resamples < 1000:
+            raise InvalidConfigError(f"--resamples {self.resamples}: use at least 1000 for a 95% interval")
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def fid_of_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID between two feature sets, exactly, in the cheaper of two forms.
+
+    ``tr sqrt(S1^1/2 S2 S1^1/2)`` equals the nuclear norm of ``A1 A2^T / sqrt((n1-1)(n2-1))`` for centred
+    feature matrices ``A1``, ``A2`` (the non-zero eigenvalues of ``S1 S2`` are the squared singular values of
+    that n1 x n2 matrix), so sets smaller than the feature dimension cost O(n1 n2 D) instead of O(D^3)."""
+    from sdxl_core.metrics.set_metrics import FID
+
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    n1, n2, d = real.shape[0], fake.shape[0], real.shape[1]
+    if max(n1, n2) >= d:
+        metric = FID(dim=d)
+        metric.update_features(real, real=True)
+        metric.update_features(fake, real=False)
+        return metric.compute().value
+    a1, a2 = real - real.mean(0), fake - fake.mean(0)
+    trace1 = (a1 * a1).sum() / (n1 - 1)
+    trace2 = (a2 * a2).sum() / (n2 - 1)
+    cross = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    return float(max(((real.mean(0) - fake.mean(0)) ** 2).sum() + trace1 + trace2 - 2 * cross, 0.0))
+
+
+def _set_metric_fn(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    from sdxl_core.metrics.set_metrics import KID, mmd_rbf
+
+    if name == "fid":
+        return fid_of_features
+    if name == "cmmd":
+        return lambda real, fake: mmd_rbf(real, fake)
+
+    def kid(real: np.ndarray, fake: np.ndarray) -> float:
+        metric = KID(dim=real.shape[1], subset_size=min(len(real), len(fake)))
+        metric.update_features(real, real=True)
+        metric.update_features(fake, real=False)
+        return metric.compute().value
+    return kid
+
+
+class _Scorer:
+    def __init__(self, config: ScoreConfig) -> None:
+        self.c = config
+        self._network = None
+        self._clip = None
+
+    def network(self) -> Any:
+        if self._network is None:
+            from sdxl_core.metrics.features import get_feature_network
+
+            self._network = get_feature_network(self.c.features, self.c.feature_weights, self.c.device)
+        return self._network
+
+    def clip(self) -> Any:
+        if self._clip is None:
+            from sdxl_core.metrics.clip import ClipEmbedder
+
+            self._clip = ClipEmbedder(self.c.clip_model, self.c.clip_pretrained, smoke=self.c.clip_smoke,
+                                      device=self.c.device)
+        return self._clip
+
+    def features(self, files: list[Path], kind: str) -> np.ndarray:
+        """Features of generated images, prepared exactly as the reference set's (same loader and resize)."""
+        from sdxl_core.metrics.reference import features_of_files
+
+        net = self.clip() if kind == "clip" else self.network()
+        return np.asarray(features_of_files(net, files, self.c.resolution), dtype=np.float64)
+
+    def reference_features(self, kind: str) -> np.ndarray:
+        from sdxl_core.metrics.reference import reference_features
+
+        net = self.clip() if kind == "clip" else self.network()
+        ref = reference_features(self.c.reference, net, resolution=self.c.resolution, cache_dir=self.c.cache_dir)
+        return np.asarray(ref.features, dtype=np.float64)
+
+
+def score(config: ScoreConfig) -> dict[str, Any]:
+    """Score ``config.fake`` and return the JSON-ready result document."""
+    config.check()
+    t0 = time.perf_counter()
+    sets = collect_sets(config.fake, config.prompts)
+    if config.reference is not None and not Path(config.reference).expanduser().is_dir():
+        raise InvalidConfigError(f"--reference {config.reference!r} is not a folder of real images")
+    if "clip" in config.metrics:
+        missing = [im.path.name for s in sets for im in s.images if not im.prompt]
+        if missing:
+            raise InvalidConfigError(f"CLIP score needs a prompt per image; {len(missing)} have none (e.g. "
+                                     f"{missing[0]}): give --prompts FILE or a metadata.jsonl with file and prompt")
+    scorer = _Scorer(config)
+    doc: dict[str, Any] = {"schema": SCHEMA, "config": _config_dict(config), "metrics": {}, "sets": {},
+                           "comparisons": [], "warnings": []}
+    kept = _sanity(sets, doc)
+    if "clip" in config.metrics:
+        _clip_scores(scorer, kept, doc)
+    for name in ("fid", "kid", "cmmd"):
+        if name in config.metrics:
+            _set_metric(scorer, name, kept, doc)
+    doc["seconds"] = round(time.perf_counter() - t0, 3)
+    return doc
+
+
+def _config_dict(c: ScoreConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(c)
+
+
+def _sanity(sets: list[ImageSet], doc: dict[str, Any]) -> list[ImageSet]:
+    """Flag broken images; return the sets without them (every metric then leaves them out)."""
+    from sdxl_core.metrics.sanity import ImageSanity, image_sanity
+
+    doc["metrics"]["sanity"] = ImageSanity().info.as_dict()
+    kept = []
+    for s in sets:
+        results = [image_sanity(img) for img in load_images(s)]
+        flagged = [{"file": str(im.path), "key": list(im.key), "flags": list(r.flags)}
+                   for im, r in zip(s.images, results) if not r.ok]
+        doc["sets"].setdefault(s.name, {})["sanity"] = {"n": len(results), "n_flagged": len(flagged),
+                                                       "flagged": flagged}
+        kept.append(ImageSet(s.name, tuple(im for im, r in zip(s.images, results) if r.ok)))
+        if flagged:
+            doc["warnings"].append(f"{s.name}: {len(flagged)} of {len(results)} images flagged by the sanity "
+                                   f"check and left out of every metric")
+    return kept
+
+
+def _clip_scores(scorer: _Scorer, sets: list[ImageSet], doc: dict[str, Any]) -> None:
+    from sdxl_core.metrics.clip import ClipScore
+    from sdxl_core.stats import paired_difference
+
+    per_set: dict[str, dict[tuple[Any, ...], float]] = {}
+    for s in sets:
+        metric = ClipScore(embedder=scorer.clip())
+        if s.images:
+            metric.update(load_images(s), s.prompts)
+        out = metric.compute() if s.images else {"clip_score": None, "per_image": [], "truncated": []}
+        doc["metrics"]["clip"] = metric.info.as_dict()
+        values = [float(v) for v in out["per_image"]]
+        per_set[s.name] = {im.key: v for im, v in zip(s.images, values)}
+        doc["sets"][s.name]["clip"] = {"mean": out["clip_score"] if values else None, "n": len(values),
+                                       "per_image": [{"key": list(im.key), "value": v}
+                                                     for im, v in zip(s.images, values)],
+                                       "truncated": out.get("truncated", []), "smoke": bool(out.get("smoke"))}
+    base = per_set.get(BASELINE)
+    if base is None:
+        return
+    for name, values in per_set.items():
+        if name == BASELINE:
+            continue
+        shared = sorted(set(base) & set(values))
+        if len(shared) < 2:
+            doc["warnings"].append(f"clip: {name} shares {len(shared)} images with baseline; no comparison")
+            continue
+        comp = paired_difference([base[k] for k in shared], [values[k] for k in shared], higher_is_better=True,
+                                 n_resamples=max(scorer.c.resamples, 1000), seed=scorer.c.seed, metric="clip",
+                                 reference=BASELINE, candidate=name, p_value_test="none")
+        doc["comparisons"].append(comp.as_dict())
+
+
+def _set_metric(scorer: _Scorer, name: str, sets: list[ImageSet], doc: dict[str, Any]) -> None:
+    from sdxl_core.metrics.set_metrics import sample_size_warning, set_metric_info
+    from sdxl_core.stats import set_metric_difference
+
+    kind = "clip" if name == "cmmd" else "features"
+    network = None if name == "cmmd" else scorer.c.features
+    against = "reference" if scorer.c.reference else "baseline"
+    info = set_metric_info(name, network, against=against).as_dict()
+    if name == "cmmd" and scorer.clip().smoke:
+        info["label"] = "; ".join(x for x in (info.get("label"), "smoke (random CLIP)") if x)
+    doc["metrics"][name] = info
+    feats = {s.name: scorer.features([im.path for im in s.images], kind) for s in sets if len(s.images) >= 2}
+    fn = _set_metric_fn(name)
+    if scorer.c.reference:
+        real = scorer.reference_features(kind)
+    elif BASELINE in feats:
+        real = feats[BASELINE]
+    else:
+        doc["warnings"].append(f"{name}: no --reference and no baseline set to compare with; not computed")
+        return
+    dim = real.shape[1]
+    for set_name, f in feats.items():
+        if against == "baseline" and set_name == BASELINE:
+            continue
+        warning = sample_size_warning(min(len(f), len(real)), dim, name)
+        doc["sets"][set_name][name] = {"value": fn(real, f), "n": len(f), "n_real": len(real),
+                                       "warnings": [warning] if warning else []}
+    if against != "reference" or BASELINE not in feats:
+        return
+    keys = {s.name: [im.key for im in s.images] for s in sets}
+    for set_name, f in feats.items():
+        if set_name == BASELINE:
+            continue
+        shared = sorted(set(keys[BASELINE]) & set(keys[set_name]))
+        ref_idx = [keys[BASELINE].index(k) for k in shared]
+        cand_idx = [keys[set_name].index(k) for k in shared]
+        comp = set_metric_difference(feats[BASELINE][ref_idx], f[cand_idx], fn, real_features=real,
+                                     higher_is_better=False, n_resamples=max(scorer.c.resamples, 1000),
+                                     seed=scorer.c.seed, metric=name, reference=BASELINE, candidate=set_name)
+        doc["comparisons"].append(comp.as_dict())
+
+
+def main(args: Any) -> int:
+    from sdxl_core.atomicio import write_json_atomic
+
+    config = ScoreConfig(fake=args.fake, reference=args.reference, prompts=args.prompts,
+                         metrics=parse_metrics(args.metrics), features=args.features,
+                         feature_weights=args.feature_weights, clip_model=args.clip_model,
+                         clip_pretrained=args.clip_pretrained, clip_smoke=args.clip_smoke,
+                         resolution=args.resolution, resamples=args.resamples, seed=args.seed, device=args.device)
+    doc = score(config)
+    if args.json:
+        write_json_atomic(args.json, doc)
+    print(render_summary(doc))
+    return 0
+
+
+def render_summary(doc: dict[str, Any]) -> str:
+    lines = []
+    for set_name, values in doc["sets"].items():
+        parts = []
+        for metric, v in values.items():
+            label = doc["metrics"].get(metric, {}).get("label")
+            if metric == "sanity":
+                parts.append(f"sanity {v['n_flagged']}/{v['n']} flagged")
+            elif metric == "clip" and v.get("mean") is not None:
+                parts.append(f"clip {v['mean']:.3f}" + (" (smoke)" if v.get("smoke") else ""))
+            elif isinstance(v, dict) and v.get("value") is not None:
+                parts.append(f"{metric} {v['value']:.4g}" + (f" ({label})" if label else ""))
+        lines.append(f"{set_name}: " + ", ".join(parts))
+    for c in doc["comparisons"]:
+        lines.append(f"{c['metric']}: {c['candidate']} - {c['reference']} = {c['estimate']:.4g} "
+                     f"[{c['ci_low']:.4g}, {c['ci_high']:.4g}] {c['verdict']}")
+    set_warnings = [w for values in doc["sets"].values() for v in values.values() if isinstance(v, dict)
+                    for w in v.get("warnings", [])]
+    lines += [f"warning: {w}" for w in dict.fromkeys(doc["warnings"] + set_warnings)]
+    return "\n".join(lines)
