@@ -67,6 +67,26 @@ def sdxl_config(pytestconfig: pytest.Config) -> BenchConfig:
     return resolve_config(pytestconfig)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that asks for ``sdxl_case`` runs once per case: variant x LoRA version x prompt x seed."""
+    if "sdxl_case" in metafunc.fixturenames:
+        from sdxl_core.bench_cases import expand_cases
+
+        try:
+            cases = expand_cases(resolve_config(metafunc.config))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        metafunc.parametrize("sdxl_case", cases, ids=[c.id for c in cases])
+
+
+@pytest.fixture(scope="session")
+def sdxl_runner(sdxl_config: BenchConfig) -> Any:
+    """The session's pipelines with every LoRA version loaded as its own adapter (switched per case)."""
+    from sdxl_core.bench_cases import CaseRunner
+
+    return CaseRunner(sdxl_config)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     """GPU name, driver, CUDA and the library versions a timing depends on, in pytest-benchmark's machine info."""

@@ -1,0 +1,51 @@
+"""Latency of base+refiner generation per case (variant x LoRA version x prompt x seed), with pytest-benchmark.
+
+    pytest bench/test_latency.py --sdxl-base B --sdxl-refiner R --sdxl-lora wrong@v1=PATH --benchmark-save=NAME
+
+pedantic mode: one untimed warm-up round, then ROUNDS timed rounds of one generation each; on CUDA the timed
+call ends with ``torch.cuda.synchronize()``. ``extra_info`` holds the per-stage seconds (median over rounds),
+peak GPU memory and images per second; machine info gets the GPU, driver and library versions.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict
+
+import pytest
+import torch
+
+ROUNDS = 3
+WARMUP_ROUNDS = 1
+
+
+@pytest.mark.bench
+def test_latency(benchmark, sdxl_case, sdxl_runner):
+    cuda = sdxl_runner.pipes.device.type == "cuda"
+    stages = []
+
+    def generate_once():
+        out = sdxl_runner.generate(sdxl_case)
+        if cuda:
+            torch.cuda.synchronize()
+        stages.append(out.stage_seconds)
+        return out
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = benchmark.pedantic(generate_once, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    timed = stages[WARMUP_ROUNDS:]
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        case=asdict(sdxl_case),
+        stage_seconds={k: statistics.median(s[k] for s in timed) for k in timed[0]},
+        images_per_second=1.0 / median,
+        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        size=[sdxl_runner.settings.width, sdxl_runner.settings.height], steps=sdxl_runner.settings.steps,
+    )
+    image = out.images[0]
+    assert image.size == (sdxl_runner.settings.width, sdxl_runner.settings.height)
+    from sdxl_core.metrics.sanity import image_sanity
+
+    check = image_sanity(image, out.latents)
+    assert check.ok, f"{sdxl_case.id}: image flagged {check.flags}"
