@@ -54,13 +54,32 @@ class BenchConfig:
     size: int | None = None
     variants: tuple[str, ...] | None = None
     reference: str | None = None
-    clip_model: str = "ViT-L-14:openai"
-    fid_features: str = "inception"
+    clip_model: str | None = None  # MODEL:PRETRAINED, MODEL:/path/weights or MODEL:smoke; see clip_spec()
+    fid_features: str | None = None  # inception or effnet-lite0; see feature_network()
     run_dir: str = "reports"
+    run_id: str | None = None  # reuse one to resume a run; default: a new id per session
     declared_variants: tuple[DeclaredVariant, ...] = field(default=())
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def offline_default(self) -> bool:
+        """The embedded ``tiny`` models are the offline default: they score with offline metrics."""
+        return self.base == "tiny"
+
+    def clip_spec(self) -> tuple[str, str | None, bool]:
+        """(open_clip model, pretrained tag or weights file, smoke). Default ``ViT-L-14:openai``; with the tiny
+        base ``ViT-B-32:smoke`` (random CLIP, labelled smoke), since no CLIP weights ship offline."""
+        text = self.clip_model or ("ViT-B-32:smoke" if self.offline_default else "ViT-L-14:openai")
+        model, _, pretrained = text.partition(":")
+        if pretrained == "smoke":
+            return model, None, True
+        return model, pretrained or None, False
+
+    def feature_network(self) -> str:
+        """FID/KID features: ``inception`` by default, ``effnet-lite0`` (offline) with the tiny base."""
+        return self.fid_features or ("effnet-lite0" if self.offline_default else "inception")
 
 
 OPTION_KEYS = tuple(f.name for f in fields(BenchConfig) if f.name != "declared_variants")
@@ -198,7 +217,7 @@ def resolve(cli: Mapping[str, Any], pyproject: Mapping[str, Any], pyproject_path
 
 
 def _check(c: BenchConfig) -> None:
-    if c.fid_features not in FEATURE_NETWORKS:
+    if c.fid_features is not None and c.fid_features not in FEATURE_NETWORKS:
         raise InvalidConfigError(f"{option_name('fid_features')} {c.fid_features!r}: choose from "
                                  f"{', '.join(FEATURE_NETWORKS)}")
     if c.steps is not None and c.steps < 1:
@@ -210,6 +229,12 @@ def _check(c: BenchConfig) -> None:
     if not 0 <= c.guidance_scale <= 50:
         raise InvalidConfigError(f"{option_name('guidance_scale')} {c.guidance_scale} is outside 0-50 "
                                  f"(values up to 1 turn classifier-free guidance off)")
+    if c.run_id is not None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", c.run_id):
+            raise InvalidConfigError(f"{option_name('run_id')} {c.run_id!r}: use letters, digits, '.', '_' and '-' "
+                                     f"(it names a folder under the run dir)")
     labels = {spec.split("=", 1)[0] for spec in c.lora}
     for v in c.declared_variants:
         missing = [label for label, _ in v.loras if label not in labels]

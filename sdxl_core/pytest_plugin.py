@@ -26,9 +26,11 @@ HELP = {
     "size": "image width = height (default 1024; 128 for tiny)",
     "variants": "comma-separated variants: baseline, wrong_negative, wrong_lora and declared ones",
     "reference": "folder of real images for FID/KID/CMMD (default: shift from the baseline variant)",
-    "clip_model": "open_clip MODEL:PRETRAINED or MODEL:/path/weights for CLIP score (default ViT-L-14:openai)",
-    "fid_features": "FID/KID features: inception (needs its weights) or effnet-lite0 (offline)",
+    "clip_model": "open_clip MODEL:PRETRAINED, MODEL:/path/weights or MODEL:smoke for CLIP score "
+                  "(default ViT-L-14:openai; ViT-B-32:smoke with the tiny base)",
+    "fid_features": "FID/KID features: inception (needs its weights) or effnet-lite0 (offline; default with tiny)",
     "run_dir": "folder of run folders (default reports)",
+    "run_id": "run folder name; reuse it to resume a run (default: a new id)",
 }
 MARKERS = {
     "gpu": "needs a CUDA device (skipped without one)",
@@ -87,19 +89,51 @@ def sdxl_runner(sdxl_config: BenchConfig) -> Any:
     return CaseRunner(sdxl_config)
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
-    """GPU name, driver, CUDA and the library versions a timing depends on, in pytest-benchmark's machine info."""
+@pytest.fixture(scope="session")
+def sdxl_run(sdxl_config: BenchConfig, sdxl_runner: Any, pytestconfig: pytest.Config) -> Any:
+    """The session's run folder; at the end the images are scored, ``results.json`` and the report written."""
+    from sdxl_core.bench_run import BenchRun
+
+    run = BenchRun(sdxl_config, root=pytestconfig.rootpath)
+    yield run
+    results = run.finalize(loras=[r.as_dict() for r in sdxl_runner.records])
+    pytestconfig.stash[_RESULTS_KEY] = results
+    try:
+        from sdxl_core.html_report import render_index, render_report
+    except ImportError:  # the report module arrives with the report issue
+        return
+    pytestconfig.stash[_REPORT_KEY] = render_report([run.folder], run.folder / "report")
+    render_index(run.folder.parent)
+
+
+_RESULTS_KEY = pytest.StashKey[Any]()
+_REPORT_KEY = pytest.StashKey[Any]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for label, key in (("results", _RESULTS_KEY), ("report", _REPORT_KEY)):
+        if key in config.stash:
+            terminalreporter.write_line(f"sdxl-bench {label}: {config.stash[key]}")
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries a timing or a score depends on."""
     from importlib.metadata import PackageNotFoundError, version
 
-    libs = {}
+    libs: dict[str, str | None] = {}
     for pkg in ("torch", "diffusers", "transformers", "compel", "peft", "accelerate", "open-clip-torch",
                 "torchmetrics", "sdxl-bench"):
         try:
             libs[pkg] = version(pkg)
         except PackageNotFoundError:
             libs[pkg] = None
-    machine_info["sdxl_bench"] = {"libraries": libs, **_gpu_info()}
+    return libs
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """GPU name, driver, CUDA and the library versions a timing depends on, in pytest-benchmark's machine info."""
+    machine_info["sdxl_bench"] = {"libraries": library_versions(), **_gpu_info()}
 
 
 def _gpu_info() -> dict[str, Any]:

@@ -137,6 +137,16 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     config.check()
     t0 = time.perf_counter()
     sets = collect_sets(config.fake, config.prompts)
+    doc: dict[str, Any] = {"schema": SCHEMA, "config": _config_dict(config)}
+    doc.update(score_sets(sets, config))
+    doc["seconds"] = round(time.perf_counter() - t0, 3)
+    return doc
+
+
+def score_sets(sets: list[ImageSet], config: ScoreConfig) -> dict[str, Any]:
+    """``metrics`` (their MetricInfo), ``sets`` (values per set), ``comparisons`` (each set against
+    ``baseline``) and ``warnings`` for ``sets``; shared by ``sdxl-bench score`` and the bench run store."""
+    config.check()
     if config.reference is not None and not Path(config.reference).expanduser().is_dir():
         raise InvalidConfigError(f"--reference {config.reference!r} is not a folder of real images")
     if "clip" in config.metrics:
@@ -145,15 +155,13 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             raise InvalidConfigError(f"CLIP score needs a prompt per image; {len(missing)} have none (e.g. "
                                      f"{missing[0]}): give --prompts FILE or a metadata.jsonl with file and prompt")
     scorer = _Scorer(config)
-    doc: dict[str, Any] = {"schema": SCHEMA, "config": _config_dict(config), "metrics": {}, "sets": {},
-                           "comparisons": [], "warnings": []}
+    doc: dict[str, Any] = {"metrics": {}, "sets": {}, "comparisons": [], "warnings": []}
     kept = _sanity(sets, doc)
     if "clip" in config.metrics:
         _clip_scores(scorer, kept, doc)
     for name in ("fid", "kid", "cmmd"):
         if name in config.metrics:
             _set_metric(scorer, name, kept, doc)
-    doc["seconds"] = round(time.perf_counter() - t0, 3)
     return doc
 
 

@@ -34,7 +34,11 @@ def _table(tmp_path, text=PYPROJECT):
 
 def test_defaults():
     c = resolve({}, {})
-    assert c == DEFAULTS and c.base == "tiny" and c.seeds == (0, 1) and c.fid_features == "inception"
+    assert c == DEFAULTS and c.base == "tiny" and c.seeds == (0, 1)
+    assert c.feature_network() == "effnet-lite0" and c.clip_spec() == ("ViT-B-32", None, True)  # tiny: offline
+    real = resolve({"base": "/models/sdxl"}, {})
+    assert real.feature_network() == "inception" and real.clip_spec() == ("ViT-L-14", "openai", False)
+    assert resolve({"clip_model": "ViT-B-16:/w/clip.bin"}, {}).clip_spec() == ("ViT-B-16", "/w/clip.bin", False)
 
 
 def test_command_line_over_pyproject_over_defaults(tmp_path):
@@ -54,7 +58,7 @@ def test_command_line_over_pyproject_over_defaults(tmp_path):
 def test_every_option_has_a_flag_name():
     assert option_name("guidance_scale") == "--sdxl-guidance-scale"
     assert {"base", "refiner", "vae", "lora", "prompts", "seeds", "steps", "guidance_scale", "high_noise_frac",
-            "size", "variants", "reference", "clip_model", "fid_features", "run_dir"} == set(OPTION_KEYS)
+            "size", "variants", "reference", "clip_model", "fid_features", "run_dir", "run_id"} == set(OPTION_KEYS)
 
 
 @pytest.mark.parametrize("cli, match", [
@@ -69,6 +73,7 @@ def test_every_option_has_a_flag_name():
     ({"guidance_scale": float("nan")}, "must be a number"),
     ({"fid_features": "vgg"}, "choose from effnet-lite0, inception"),
     ({"variants": "baseline,nope"}, "unknown variant.*nope"),
+    ({"run_id": "../x"}, "--sdxl-run-id"),
 ])
 def test_bad_command_line_values(cli, match):
     with pytest.raises(InvalidConfigError, match=match):

@@ -1,4 +1,4 @@
-import torch, time
+import torch
 d="cuda"
 def bench(f, n=50):
     for _ in range(5): f()

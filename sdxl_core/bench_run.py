@@ -1,0 +1,179 @@
+"""The run store of a benchmark session: ``<run_dir>/<run_id>/`` with images, ``images.jsonl`` and ``results.json``.
+
+Each finished case writes its PNG (atomically) and then appends one complete line to ``images.jsonl``, so a run
+killed at any moment loses at most the image in flight; a rerun with the same run id skips every case whose
+line says ``ok`` and whose PNG exists. :meth:`BenchRun.finalize` scores the images (sanity, CLIP score, FID,
+KID, CMMD, comparisons with ``baseline``) and writes ``results.json`` (:mod:`sdxl_core.results_schema`); every
+planned case is in it, as ``ok`` or as an ``error`` row with its message.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import secrets
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sdxl_core.atomicio import append_json_line, read_json_lines, write_json_atomic, write_png_atomic
+from sdxl_core.bench_cases import BenchCase, expand_cases, generation_settings
+from sdxl_core.bench_config import BenchConfig
+from sdxl_core.errors import InvalidConfigError
+from sdxl_core.results_schema import IMAGES_LOG, RESULTS_FILE, SCHEMA_VERSION, check_document, group_name
+
+_MAX_MESSAGE = 2000
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def git_state(root: str | Path = ".") -> dict[str, Any]:
+    """The commit and dirty flag of the checkout at ``root`` (None when it is not a git checkout)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def machine_info() -> dict[str, Any]:
+    from sdxl_core.pytest_plugin import _gpu_info, library_versions
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "libraries": library_versions(), **_gpu_info()}
+
+
+class BenchRun:
+    """One run folder. ``cases`` are all planned cases of the session (from the configuration)."""
+
+    def __init__(self, config: BenchConfig, root: str | Path = ".") -> None:
+        self.config = config
+        self.run_id = config.run_id or new_run_id()
+        self.folder = Path(root) / config.run_dir / self.run_id
+        self.cases = expand_cases(config)
+        self.settings = generation_settings(config)
+        self.created_at = _now()
+        self.git = git_state(root)
+
+    # ---------------------------------------------------------------- images
+    def image_file(self, case: BenchCase) -> str:
+        """Relative path of a case's PNG: ``images/<variant>/<lora or none>/<prompt_index>-<seed>.png``."""
+        return f"images/{case.variant}/{case.lora or 'none'}/{case.prompt_index}-{case.seed}.png"
+
+    def log_rows(self) -> dict[str, dict[str, Any]]:
+        """The newest line per case id of ``images.jsonl`` (an ``ok`` line is never replaced by an error)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for row in read_json_lines(self.folder / IMAGES_LOG):
+            cid = row.get("id")
+            if isinstance(cid, str) and not (latest.get(cid, {}).get("status") == "ok" and row.get("status") != "ok"):
+                latest[cid] = row
+        return latest
+
+    def is_done(self, case: BenchCase, rows: dict[str, dict[str, Any]] | None = None) -> bool:
+        row = (rows if rows is not None else self.log_rows()).get(case.id)
+        return bool(row and row.get("status") == "ok" and (self.folder / row["image"]).is_file())
+
+    def generate(self, case: BenchCase, make: Callable[[BenchCase], Any]) -> dict[str, Any]:
+        """Make ``case``'s image with ``make`` unless it is done; log an ``ok`` or ``error`` line. Errors are
+        recorded and then raised, so the pytest case fails and the session exits non-zero."""
+        if self.is_done(case):
+            return self.log_rows()[case.id]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        row: dict[str, Any] = {"id": case.id, "variant": case.variant, "lora": case.lora,
+                               "prompt_index": case.prompt_index, "seed": case.seed, "status": "error",
+                               "message": None, "image": None, "seconds": None, "stage_seconds": {}}
+        t0 = time.perf_counter()
+        try:
+            out = make(case)
+            row["seconds"] = round(time.perf_counter() - t0, 4)
+            write_png_atomic(self.folder / self.image_file(case), out.images[0])
+            row.update(status="ok", image=self.image_file(case),
+                       stage_seconds={k: round(v, 4) for k, v in out.stage_seconds.items()})
+        except Exception as exc:
+            row["message"] = f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE]
+            append_json_line(self.folder / IMAGES_LOG, {**row, "finished": _now()})
+            raise
+        append_json_line(self.folder / IMAGES_LOG, {**row, "finished": _now()})
+        return row
+
+    # ---------------------------------------------------------------- results
+    def finalize(self, loras: list[dict[str, Any]] | None = None, latency: list[dict[str, Any]] | None = None,
+                 score: bool = True) -> Path:
+        """Score the finished images and write ``results.json``; returns its path."""
+        rows = self.log_rows()
+        case_rows = []
+        for case in self.cases:
+            row = rows.get(case.id)
+            ok = self.is_done(case, rows)
+            case_rows.append({
+                "id": case.id, "variant": case.variant, "lora": case.lora, "prompt_index": case.prompt_index,
+                "prompt": case.prompt, "seed": case.seed, "negative_prompt": case.negative_prompt,
+                "status": "ok" if ok else "error",
+                "message": None if ok else ((row or {}).get("message") or "not run: the session ended before this case"),
+                "image": row["image"] if ok else None, "seconds": (row or {}).get("seconds") if ok else None,
+                "stage_seconds": (row or {}).get("stage_seconds", {}) if ok else {}, "metrics": {}})
+        doc: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "run_id": self.run_id, "created_at": self.created_at,
+            "finished_at": None, "git": self.git, "machine": machine_info(),
+            "config": {**self.config.as_dict(), "settings": _settings_dict(self.settings)},
+            "loras": loras or [], "metrics": {}, "cases": case_rows, "sets": {}, "comparisons": [],
+            "latency": latency or [], "warnings": []}
+        if score:
+            self._score(doc)
+        doc["finished_at"] = _now()
+        check_document(doc)
+        write_json_atomic(self.folder / RESULTS_FILE, doc)
+        return self.folder / RESULTS_FILE
+
+    def _score(self, doc: dict[str, Any]) -> None:
+        from sdxl_core.score import ScoreConfig, score_sets
+        from sdxl_core.score_inputs import ImageSet, ScoredImage
+
+        groups: dict[str, list[ScoredImage]] = {}
+        for row in doc["cases"]:
+            if row["status"] == "ok":
+                groups.setdefault(group_name(row["variant"], row["lora"]), []).append(
+                    ScoredImage(self.folder / row["image"], row["prompt"], (row["prompt_index"], row["seed"])))
+        if not groups:
+            doc["warnings"].append("no finished images: nothing scored")
+            return
+        model, pretrained, smoke = self.config.clip_spec()
+        config = ScoreConfig(fake=str(self.folder), reference=self.config.reference, clip_model=model,
+                             clip_pretrained=pretrained, clip_smoke=smoke, features=self.config.feature_network())
+        order = ["baseline"] + sorted(g for g in groups if g != "baseline")
+        scored = score_sets([ImageSet(g, tuple(groups[g])) for g in order if g in groups], config)
+        by_key = {(group_name(r["variant"], r["lora"]), (r["prompt_index"], r["seed"])): r for r in doc["cases"]}
+        for group, values in scored["sets"].items():
+            for item in values.get("clip", {}).get("per_image", []):
+                by_key[(group, tuple(item["key"]))]["metrics"]["clip"] = item["value"]
+            for item in values.get("sanity", {}).get("flagged", []):
+                by_key[(group, tuple(item["key"]))]["metrics"]["sanity"] = item["flags"]
+            values.get("clip", {}).pop("per_image", None)  # kept per case instead
+        doc.update(metrics=scored["metrics"], sets=scored["sets"], comparisons=scored["comparisons"])
+        doc["warnings"] += scored["warnings"]
+
+
+def _settings_dict(settings: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(settings)
+
+
+def load_results(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / RESULTS_FILE
+    if not path.is_file():
+        raise InvalidConfigError(f"{path} does not exist: run the bench (or give a run folder)")
+    import json
+
+    return check_document(json.loads(path.read_text()), str(path))

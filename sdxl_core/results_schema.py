@@ -1,0 +1,69 @@
+"""The run store's result document, ``reports/<run_id>/results.json``: a versioned schema written down here.
+
+A run folder holds ``results.json`` (this document), ``images.jsonl`` (one complete line per image, appended as
+each finishes: the resume log) and ``images/<variant>/<lora or none>/<prompt_index>-<seed>.png``. Reports and
+comparisons read ``results.json`` only.
+
+Schema version 1::
+
+    {
+      "schema_version": 1,
+      "run_id": str, "created_at": ISO-8601 UTC, "finished_at": ISO-8601 UTC or null,
+      "git": {"commit": str or null, "dirty": bool or null},
+      "machine": {"python": str, "platform": str, "cpu_count": int, "gpu": str or null, "libraries": {pkg: ver}},
+      "config": BenchConfig.as_dict() + {"settings": GenerationSettings as dict},
+      "loras": [LoraRecord.as_dict(), ...],                # name, version, path, sha256, size, metadata
+      "metrics": {name: MetricInfo.as_dict()},             # display name, direction, label (smoke, ...)
+      "cases": [CaseRow, ...],                             # one per variant x LoRA version x prompt x seed
+      "sets": {group: {metric: {"value", "n", "n_real", "warnings"}}},     # set metrics per variant group
+      "comparisons": [Comparison.as_dict(), ...],          # each group against baseline, interval + verdict
+      "latency": [{"case": id, "median_s", "rounds", "stage_seconds", "images_per_second"}],  # when timed
+      "warnings": [str]
+    }
+
+    CaseRow = {"id", "variant", "lora", "prompt_index", "prompt", "seed", "negative_prompt",
+               "status": "ok" | "error", "message": str or null, "image": relative path or null,
+               "seconds": float or null, "stage_seconds": {stage: s}, "metrics": {"clip": float, "sanity": [flags]}}
+
+A *group* is a variant with its LoRA version (``wrong_lora[wrong@v1]``), the unit that metrics and comparisons
+are about. :func:`check_document` validates a document against this description.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdxl_core.errors import InvalidConfigError
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+IMAGES_LOG = "images.jsonl"
+TOP_KEYS = ("schema_version", "run_id", "created_at", "finished_at", "git", "machine", "config", "loras", "metrics",
+            "cases", "sets", "comparisons", "latency", "warnings")
+CASE_KEYS = ("id", "variant", "lora", "prompt_index", "prompt", "seed", "negative_prompt", "status", "message",
+             "image", "seconds", "stage_seconds", "metrics")
+
+
+def group_name(variant: str, lora: str | None) -> str:
+    """The metric group of a case: its variant, with the LoRA version when it has one."""
+    return f"{variant}[{lora}]" if lora else variant
+
+
+def check_document(doc: Any, where: str = "results.json") -> dict[str, Any]:
+    """``doc`` if it is a schema-1 result document; else an error naming what is wrong."""
+    if not isinstance(doc, dict):
+        raise InvalidConfigError(f"{where}: not a JSON object")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InvalidConfigError(f"{where}: schema_version {version!r}, this sdxl-bench reads {SCHEMA_VERSION}; "
+                                 f"re-run with a matching sdxl-bench")
+    missing = [k for k in TOP_KEYS if k not in doc]
+    if missing:
+        raise InvalidConfigError(f"{where}: missing {', '.join(missing)}")
+    for i, case in enumerate(doc["cases"]):
+        lacking = [k for k in CASE_KEYS if k not in case]
+        if lacking:
+            raise InvalidConfigError(f"{where}: case {i} lacks {', '.join(lacking)}")
+        if case["status"] not in ("ok", "error"):
+            raise InvalidConfigError(f"{where}: case {case['id']} has status {case['status']!r}")
+    return doc
