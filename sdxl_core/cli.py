@@ -116,6 +116,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     return score.main(args)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sdxl_core import compare
+
+    return compare.main(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sdxl_core import report_args
+
+    return report_args.main(args)
+
+
 def cmd_train_lora(args: argparse.Namespace) -> int:
     from sdxl_core import train_lora
 
@@ -188,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     from sdxl_core.score_args import add_arguments as add_score_arguments
     add_score_arguments(p)
     p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("compare", help="compare two bench runs (LoRA versions, commits): deltas, intervals, gate")
+    from sdxl_core.compare import add_arguments as add_compare_arguments
+    add_compare_arguments(p)
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("report", help="the HTML report of one or more bench runs, from their results.json")
+    from sdxl_core.report_args import add_arguments as add_report_arguments
+    add_report_arguments(p)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("run", help="every prompt x seed x variant into reports/runs/<run_id>/ with report.html")
     from sdxl_core.run_args import add_arguments as add_run_arguments

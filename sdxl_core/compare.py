@@ -182,7 +182,7 @@ def compare_runs(doc_a: dict[str, Any], doc_b: dict[str, Any], *, n_resamples: i
 
 
 def _per_image_row(doc_a: dict[str, Any], doc_b: dict[str, Any], ga: str, gb: str, metric: str, n_resamples: int,
-                   seed: int) -> Any:
+                   seed: int) -> dict[str, Any] | None:
     va, vb = _per_image(doc_a, ga, metric), _per_image(doc_b, gb, metric)
     if not va and not vb:
         return None
@@ -208,7 +208,8 @@ def _per_image_row(doc_a: dict[str, Any], doc_b: dict[str, Any], ga: str, gb: st
     return row
 
 
-def _set_row(doc_a: dict[str, Any], doc_b: dict[str, Any], ga: str, gb: str, metric: str, ea: Any, eb: Any) -> Any:
+def _set_row(doc_a: dict[str, Any], doc_b: dict[str, Any], ga: str, gb: str, metric: str, ea: Any,
+             eb: Any) -> dict[str, Any] | None:
     if not (isinstance(ea, dict) and isinstance(eb, dict)) or _fin(ea.get("value")) is None \
             or _fin(eb.get("value")) is None:
         return None

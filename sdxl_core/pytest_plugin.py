@@ -46,6 +46,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if key == "lora":
             kwargs["action"] = "append"
         group.addoption(option_name(key), **kwargs)
+    group.addoption("--sdxl-compare", dest="sdxl_compare", default=None, metavar="RUN",
+                    help="after the run, compare it with this earlier run folder (regression gate)")
+    group.addoption("--sdxl-fail-on", dest="sdxl_fail_on", action="append", default=[], metavar="RULE",
+                    help="fail the session on a regression against --sdxl-compare, e.g. clip:-0.5 or fid:+5%%")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -110,10 +114,38 @@ _RESULTS_KEY = pytest.StashKey[Any]()
 _REPORT_KEY = pytest.StashKey[Any]()
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The regression gate: with ``--sdxl-compare RUN``, compare this session's results with RUN and fail the
+    session on any ``--sdxl-fail-on`` rule that the change breaks."""
+    config = session.config
+    reference = config.getoption("sdxl_compare", None)
+    if not reference:
+        return
+    if _RESULTS_KEY not in config.stash:
+        config.stash[_GATE_KEY] = ["--sdxl-compare: this session wrote no results (run bench/test_quality.py)"]
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return
+    from sdxl_core.compare import gate_against
+
+    try:
+        failures = gate_against(config.stash[_RESULTS_KEY].parent, reference, config.getoption("sdxl_fail_on"))
+    except ValueError as exc:  # a reference run that cannot be read, a bad rule: the gate fails, saying why
+        failures = [f"cannot compare with {reference}: {exc}"]
+    config.stash[_GATE_KEY] = failures or ["passed"]
+    if failures:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_GATE_KEY = pytest.StashKey[list]()
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     for label, key in (("results", _RESULTS_KEY), ("report", _REPORT_KEY)):
         if key in config.stash:
             terminalreporter.write_line(f"sdxl-bench {label}: {config.stash[key]}")
+    for line in config.stash.get(_GATE_KEY, []):
+        terminalreporter.write_line(f"sdxl-bench gate: {line}")
 
 
 def library_versions() -> dict[str, str | None]:

@@ -38,3 +38,36 @@ def test_machine_info_hook():
     pytest_benchmark_update_machine_info(None, info)
     libs = info["sdxl_bench"]["libraries"]
     assert libs["torch"] and libs["diffusers"] and "gpu" in info["sdxl_bench"]
+
+
+def test_quality_suite_resume_and_gate(tmp_path):
+    """Two sessions of bench/test_quality.py: the second with the same run id makes no image again; a third,
+    gated against the first, passes on identical results; a missing reference run fails the session."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a wolf in a forest\n")
+    base = [sys.executable, "-m", "pytest", str(root / "bench" / "test_quality.py"), "-q", "-p", "no:cacheprovider",
+            "--sdxl-seeds", "0", "--sdxl-steps", "4", "--sdxl-size", "64", "--sdxl-prompts", str(prompts),
+            "--sdxl-run-dir", str(tmp_path / "runs")]
+
+    def run(*extra):
+        return subprocess.run(base + list(extra), cwd=root, capture_output=True, text=True, timeout=600)
+
+    first = run("--sdxl-run-id", "a")
+    assert first.returncode == 0, first.stdout[-3000:]
+    log = tmp_path / "runs" / "a" / "images.jsonl"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2
+    again = run("--sdxl-run-id", "a")
+    assert again.returncode == 0 and log.read_text().splitlines() == lines  # nothing made twice
+    doc = json.loads((tmp_path / "runs" / "a" / "results.json").read_text())
+    assert [c["status"] for c in doc["cases"]] == ["ok", "ok"] and doc["schema_version"] == 1
+    gated = run("--sdxl-run-id", "b", "--sdxl-compare", str(tmp_path / "runs" / "a"), "--sdxl-fail-on", "clip:-0.5")
+    assert gated.returncode == 0 and "sdxl-bench gate: passed" in gated.stdout, gated.stdout[-3000:]
+    missing = run("--sdxl-run-id", "c", "--sdxl-compare", str(tmp_path / "nope"), "--sdxl-fail-on", "clip:-0.5")
+    assert missing.returncode == 1 and "sdxl-bench gate: cannot compare with" in missing.stdout, missing.stdout[-2000:]
