@@ -102,12 +102,9 @@ def sdxl_run(sdxl_config: BenchConfig, sdxl_runner: Any, pytestconfig: pytest.Co
     yield run
     results = run.finalize(loras=[r.as_dict() for r in sdxl_runner.records])
     pytestconfig.stash[_RESULTS_KEY] = results
-    try:
-        from sdxl_core.html_report import render_index, render_report
-    except ImportError:  # the report module arrives with the report issue
-        return
-    pytestconfig.stash[_REPORT_KEY] = render_report([run.folder], run.folder / "report")
-    render_index(run.folder.parent)
+    from sdxl_core.html_report import publish_run
+
+    pytestconfig.stash[_REPORT_KEY] = publish_run(run.folder)  # the run's report, and the list of runs
 
 
 _RESULTS_KEY = pytest.StashKey[Any]()
