@@ -391,6 +391,29 @@ def _metrics_section(runs: list[Run]) -> str:
     return "\n".join(parts)
 
 
+def _across_runs_section(runs: list[Run]) -> str:
+    """With several runs: each later run against the first (``sdxl-bench compare``): per matched group and
+    metric the change, its interval and verdict, e.g. a new LoRA version against the previous one."""
+    if len(runs) < 2:
+        return ""
+    from sdxl_core.compare import compare_runs
+
+    rows, notes = [], []
+    for run in runs[1:]:
+        doc = compare_runs(runs[0].doc, run.doc)
+        for r in doc["rows"]:
+            interval = (f"[{_num(r.get('ci_low'))}, {_num(r.get('ci_high'))}]" if _finite(r.get("ci_low"))
+                        else "&mdash;")
+            rows.append(f"<tr>{_td(_e(runs[0].run_id))}{_td(_e(run.run_id))}{_td(_e(r['group_a']))}"
+                        f"{_td(_e(r['group_b']))}{_td(_e(r['metric']))}{_td(_num(r.get('a')), 'num')}"
+                        f"{_td(_num(r.get('b')), 'num')}{_td(_num(r.get('delta')), 'num')}{_td(interval, 'num ci')}"
+                        f"{_td(_e(r.get('verdict')), 'verdict ' + _verdict_class(r.get('verdict')))}</tr>")
+        notes += [f"<div class=\"warn\">{_e(run.run_id)}: {_e(w)}</div>" for w in doc.get("warnings", [])]
+    return "\n".join(['<h2 id="across-runs">Across runs (later runs minus the first)</h2>',
+                      _table("across-runs", ["run A", "run B", "group A", "group B", "metric", "A", "B", "B - A",
+                                             "interval", "verdict"], rows, "no groups in common"), *notes])
+
+
 def _latency_section(runs: list[Run]) -> str:
     """The latency rows of every run as a table and a chart of median seconds per case."""
     multi = len(runs) > 1
@@ -480,7 +503,8 @@ def render_report(run_dirs: list[Path], out: Path) -> Path:
     summary = [f"<tr>{_td(_e(run.run_id))}{_td(_e(run.doc['created_at']))}{_td(_commit(run.doc))}"
                + "".join(_td(str(n), "num") for n in _counts(run.doc)) + "</tr>" for run in runs]
     body = [_table("runs", ["run", "created", "commit", "cases ok", "errors", "flagged images"], summary),
-            _grid_section(runs, out), _metrics_section(runs), _latency_section(runs), _provenance_section(runs)]
+            _grid_section(runs, out), _metrics_section(runs), _across_runs_section(runs), _latency_section(runs),
+            _provenance_section(runs)]
     return _write_page(out / INDEX_FILE, "sdxl-bench report: " + ", ".join(r.run_id for r in runs), body)
 
 
