@@ -20,7 +20,7 @@ WARMUP_ROUNDS = 1
 
 
 @pytest.mark.bench
-def test_latency(benchmark, sdxl_case, sdxl_runner):
+def test_latency(benchmark, sdxl_case, sdxl_runner, sdxl_run):
     cuda = sdxl_runner.pipes.device.type == "cuda"
     stages = []
 
@@ -43,6 +43,11 @@ def test_latency(benchmark, sdxl_case, sdxl_runner):
         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         size=[sdxl_runner.settings.width, sdxl_runner.settings.height], steps=sdxl_runner.settings.steps,
     )
+    sdxl_run.record(sdxl_case, out, median)  # the case's image, if the run does not have it yet
+    sdxl_run.record_latency(sdxl_case, {"median_s": median, "rounds": ROUNDS,
+                                        "stage_seconds": benchmark.extra_info["stage_seconds"],
+                                        "images_per_second": 1.0 / median,
+                                        "peak_memory_gib": benchmark.extra_info["peak_memory_gib"]})
     image = out.images[0]
     assert image.size == (sdxl_runner.settings.width, sdxl_runner.settings.height)
     from sdxl_core.metrics.sanity import image_sanity

@@ -65,6 +65,8 @@ class BenchRun:
         self.settings = generation_settings(config)
         self.created_at = _now()
         self.git = git_state(root)
+        self.latency: list[dict[str, Any]] = []  # rows the latency suite adds (written into results.json)
+        self.timing = {"generation_s": 0.0, "diffusers_s": 0.0}  # wall time of generate() and inside diffusers
 
     # ---------------------------------------------------------------- images
     def image_file(self, case: BenchCase) -> str:
@@ -89,27 +91,39 @@ class BenchRun:
         recorded and then raised, so the pytest case fails and the session exits non-zero."""
         if self.is_done(case):
             return self.log_rows()[case.id]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        row: dict[str, Any] = {"id": case.id, "variant": case.variant, "lora": case.lora,
-                               "prompt_index": case.prompt_index, "seed": case.seed, "status": "error",
-                               "message": None, "image": None, "seconds": None, "stage_seconds": {}}
         t0 = time.perf_counter()
         try:
             out = make(case)
-            row["seconds"] = round(time.perf_counter() - t0, 4)
-            write_png_atomic(self.folder / self.image_file(case), out.images[0])
-            row.update(status="ok", image=self.image_file(case),
-                       stage_seconds={k: round(v, 4) for k, v in out.stage_seconds.items()})
         except Exception as exc:
-            row["message"] = f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE]
-            append_json_line(self.folder / IMAGES_LOG, {**row, "finished": _now()})
+            self._append(case, {"message": f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE]})
             raise
+        return self.record(case, out, time.perf_counter() - t0, started=t0)
+
+    def record(self, case: BenchCase, out: Any, seconds: float, started: float | None = None) -> dict[str, Any]:
+        """Write a generated image (atomically) and its ``ok`` line; a case already done is left as it is."""
+        if self.is_done(case):
+            return self.log_rows()[case.id]
+        write_png_atomic(self.folder / self.image_file(case), out.images[0])
+        row = self._append(case, {"status": "ok", "image": self.image_file(case), "seconds": round(seconds, 4),
+                                  "stage_seconds": {k: round(v, 4) for k, v in out.stage_seconds.items()}})
+        if started is not None:
+            self.timing["generation_s"] += time.perf_counter() - started
+            self.timing["diffusers_s"] += sum(out.stage_seconds.values())
+        return row
+
+    def record_latency(self, case: BenchCase, row: dict[str, Any]) -> None:
+        self.latency.append({"case": case.id, **row})
+
+    def _append(self, case: BenchCase, fields: dict[str, Any]) -> dict[str, Any]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        row: dict[str, Any] = {"id": case.id, "variant": case.variant, "lora": case.lora,
+                               "prompt_index": case.prompt_index, "seed": case.seed, "status": "error",
+                               "message": None, "image": None, "seconds": None, "stage_seconds": {}, **fields}
         append_json_line(self.folder / IMAGES_LOG, {**row, "finished": _now()})
         return row
 
     # ---------------------------------------------------------------- results
-    def finalize(self, loras: list[dict[str, Any]] | None = None, latency: list[dict[str, Any]] | None = None,
-                 score: bool = True) -> Path:
+    def finalize(self, loras: list[dict[str, Any]] | None = None, score: bool = True) -> Path:
         """Score the finished images and write ``results.json``; returns its path."""
         rows = self.log_rows()
         case_rows = []
@@ -128,9 +142,15 @@ class BenchRun:
             "finished_at": None, "git": self.git, "machine": machine_info(),
             "config": {**self.config.as_dict(), "settings": _settings_dict(self.settings)},
             "loras": loras or [], "metrics": {}, "cases": case_rows, "sets": {}, "comparisons": [],
-            "latency": latency or [], "warnings": []}
+            "latency": self.latency, "warnings": []}
+        t0 = time.perf_counter()
         if score:
             self._score(doc)
+        g = self.timing
+        doc["timing"] = {"generation_s": round(g["generation_s"], 3), "diffusers_s": round(g["diffusers_s"], 3),
+                         "harness_overhead": (round(g["generation_s"] / g["diffusers_s"] - 1, 4)
+                                              if g["diffusers_s"] else None),
+                         "scoring_s": round(time.perf_counter() - t0, 3)}
         doc["finished_at"] = _now()
         check_document(doc)
         write_json_atomic(self.folder / RESULTS_FILE, doc)

@@ -18,7 +18,8 @@ Schema version 1::
       "sets": {group: {metric: {"value", "n", "n_real", "warnings"}}},     # set metrics per variant group
       "comparisons": [Comparison.as_dict(), ...],          # each group against baseline, interval + verdict
       "latency": [{"case": id, "median_s", "rounds", "stage_seconds", "images_per_second"}],  # when timed
-      "warnings": [str]
+      "warnings": [str],
+      "timing": {"generation_s", "diffusers_s", "harness_overhead", "scoring_s"}  # this session's images
     }
 
     CaseRow = {"id", "variant", "lora", "prompt_index", "prompt", "seed", "negative_prompt",
