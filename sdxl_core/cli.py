@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from sdxl_core.errors import SdxlBenchError
+from sdxl_core.model_args import add_model_args
 
 # The names of sdxl_core.optimize.LEVELS, repeated here so building the parser does not import torch
 # (tests/test_cli.py checks the two agree).
 SPEED_LEVELS = ("eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile", "cudagraphs", "max")
-
-
-def _add_model_args(p: argparse.ArgumentParser, refiner_default: str | None = None) -> None:
-    p.add_argument("--base", required=True, help="tiny, sdxl-random, a hub id or a diffusers folder")
-    p.add_argument("--refiner", default=refiner_default, help="refiner: tiny, sdxl-random, a hub id or a folder")
-    p.add_argument("--vae", default=None, help="VAE override, e.g. madebyollin/sdxl-vae-fp16-fix or a folder")
-    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 for the hub SDXL repos")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on CUDA, else fp32)")
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -92,46 +86,28 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_speed(args: argparse.Namespace) -> int:
-    from sdxl_core import speed
-
-    return speed.main_speed(args)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from sdxl_core import run
-
-    return run.main_run(args)
-
-
-def cmd_make_wrong_dataset(args: argparse.Namespace) -> int:
-    from sdxl_core import wrong_dataset
-
-    return wrong_dataset.main(args)
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    from sdxl_core import score
-
-    return score.main(args)
+# Commands whose options live in a torch-free module: (name, help, options module, module that runs it, function).
+MODULE_COMMANDS = (
+    ("make-wrong-dataset", "SDXL's own bad images (13 weighted keyword prompts x 6 guidance scales) for the LoRA",
+     "sdxl_core.wrong_dataset", "sdxl_core.wrong_dataset", "main"),
+    ("train-lora", "Dreambooth LoRA on a folder of images (default instance prompt: wrong)",
+     "sdxl_core.train_args", "sdxl_core.train_lora", "main"),
+    ("score", "CLIP score, FID, KID, CMMD and sanity of image folders or a run's variants",
+     "sdxl_core.score_args", "sdxl_core.score", "main"),
+    ("compare", "compare two bench runs (LoRA versions, commits): deltas, intervals, gate",
+     "sdxl_core.compare", "sdxl_core.compare", "main"),
+    ("report", "the HTML report of one or more bench runs, from their results.json",
+     "sdxl_core.report_args", "sdxl_core.report_args", "main"),
+    ("run", "every prompt x seed x variant into reports/runs/<run_id>/ with report.html",
+     "sdxl_core.run_args", "sdxl_core.run", "main_run"),
+)
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from sdxl_core import compare
-
-    return compare.main(args)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from sdxl_core import report_args
-
-    return report_args.main(args)
-
-
-def cmd_train_lora(args: argparse.Namespace) -> int:
-    from sdxl_core import train_lora
-
-    return train_lora.main(args)
+def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """A command that imports its module only when it runs (the parser itself imports no torch)."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), func)(args)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tiny)
 
     p = sub.add_parser("generate", help="one base+refiner image")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, required=True)
@@ -168,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_flops)
 
     p = sub.add_parser("speed", help="time base+refiner per optimisation level (the GPU latency suite)")
-    _add_model_args(p, refiner_default=None)
+    add_model_args(p, refiner_default=None)
     p.add_argument("--cases", default=None,
                    help="comma-separated level[+lora_unfused|+lora_fused][@bN]; levels, each adding to the one "
                         f"before: {', '.join(SPEED_LEVELS)} (default: a priority-ordered set)")
@@ -183,38 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None, help="skip cases that cannot finish within this")
     p.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 activation-range check")
     p.add_argument("--out", required=True, help="result JSON (rewritten after every case)")
-    p.set_defaults(fn=cmd_speed)
+    p.set_defaults(fn=_lazy("sdxl_core.speed", "main_speed"))
 
-    p = sub.add_parser("make-wrong-dataset",
-                       help="SDXL's own bad images (13 weighted keyword prompts x 6 guidance scales) for the LoRA")
-    from sdxl_core.wrong_dataset import add_arguments as add_dataset_arguments
-    add_dataset_arguments(p)
-    p.set_defaults(fn=cmd_make_wrong_dataset)
-
-    p = sub.add_parser("train-lora", help="Dreambooth LoRA on a folder of images (default instance prompt: wrong)")
-    from sdxl_core.train_args import add_arguments as add_train_arguments
-    add_train_arguments(p)
-    p.set_defaults(fn=cmd_train_lora)
-
-    p = sub.add_parser("score", help="CLIP score, FID, KID, CMMD and sanity of image folders or a run's variants")
-    from sdxl_core.score_args import add_arguments as add_score_arguments
-    add_score_arguments(p)
-    p.set_defaults(fn=cmd_score)
-
-    p = sub.add_parser("compare", help="compare two bench runs (LoRA versions, commits): deltas, intervals, gate")
-    from sdxl_core.compare import add_arguments as add_compare_arguments
-    add_compare_arguments(p)
-    p.set_defaults(fn=cmd_compare)
-
-    p = sub.add_parser("report", help="the HTML report of one or more bench runs, from their results.json")
-    from sdxl_core.report_args import add_arguments as add_report_arguments
-    add_report_arguments(p)
-    p.set_defaults(fn=cmd_report)
-
-    p = sub.add_parser("run", help="every prompt x seed x variant into reports/runs/<run_id>/ with report.html")
-    from sdxl_core.run_args import add_arguments as add_run_arguments
-    add_run_arguments(p)
-    p.set_defaults(fn=cmd_run)
+    for name, help_text, args_module, run_module, func in MODULE_COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        importlib.import_module(args_module).add_arguments(p)
+        p.set_defaults(fn=_lazy(run_module, func))
     return parser
 
 

@@ -260,12 +260,9 @@ def make_wrong_dataset(config: WrongDatasetConfig, pipes: Any = None, progress: 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``sdxl-bench make-wrong-dataset``."""
-    p.add_argument("--base", required=True, help="tiny, sdxl-random, a hub id or a diffusers folder")
-    p.add_argument("--refiner", default=None, help="refiner: tiny, sdxl-random, a hub id or a folder")
-    p.add_argument("--vae", default=None, help="VAE override, e.g. madebyollin/sdxl-vae-fp16-fix or a folder")
-    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 for the hub SDXL repos")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on CUDA, else fp32)")
+    from sdxl_core.model_args import add_model_args
+
+    add_model_args(p)
     p.add_argument("--out", required=True, help="dataset folder (a rerun resumes it)")
     p.add_argument("--count", type=int, default=None,
                    help="only the first N images of the prompt x guidance grid, prompt-major (default: all 78)")

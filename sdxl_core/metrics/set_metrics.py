@@ -160,6 +160,14 @@ def _network_and_protocol(metric: str, feature_network: nn.Module | None, dim: i
     return feature_network, net_dim, dict(protocol or getattr(feature_network, "protocol", {}))
 
 
+def _check_update(metric: str, imgs: Any, real: Any, features: Any) -> None:
+    """The arguments every set metric's ``update`` takes: one side, and images or features (not both)."""
+    if not isinstance(real, bool):
+        raise InvalidConfigError(f"{metric}.update: pass real=True (reference images) or real=False (generated)")
+    if (imgs is None) == (features is None):
+        raise InvalidConfigError(f"{metric}.update: pass exactly one of imgs and features")
+
+
 def psd_eigh(sigma: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (negative round-off clipped to 0) and eigenvectors of a symmetric PSD matrix, float64."""
     sigma = sigma.to(torch.float64)
@@ -210,10 +218,7 @@ class FID(FrechetInceptionDistance):
 
     def update(self, imgs: Tensor | None = None, real: bool | None = None, *, features: Any = None) -> None:
         """Add a batch of images (through the network) or of precomputed ``features`` to one side."""
-        if not isinstance(real, bool):
-            raise InvalidConfigError("FID.update: pass real=True (reference images) or real=False (generated)")
-        if (imgs is None) == (features is None):
-            raise InvalidConfigError("FID.update: pass exactly one of imgs and features")
+        _check_update("FID", imgs, real, features)
         feats = _as_features(self.inception(imgs) if features is None else features, self.dim, "FID features")
         side = "real" if real else "fake"
         setattr(self, f"{side}_features_sum", getattr(self, f"{side}_features_sum") + feats.sum(dim=0))
@@ -280,10 +285,7 @@ class KID(KernelInceptionDistance):
 
     def update(self, imgs: Tensor | None = None, real: bool | None = None, *, features: Any = None) -> None:
         """Add a batch of images (through the network) or of precomputed ``features`` to one side."""
-        if not isinstance(real, bool):
-            raise InvalidConfigError("KID.update: pass real=True (reference images) or real=False (generated)")
-        if (imgs is None) == (features is None):
-            raise InvalidConfigError("KID.update: pass exactly one of imgs and features")
+        _check_update("KID", imgs, real, features)
         feats = _as_features(self.inception(imgs) if features is None else features, self.dim, "KID features")
         (self.real_features if real else self.fake_features).append(feats)
 
@@ -393,10 +395,7 @@ class CMMD(Metric):
 
     def update(self, imgs: Tensor | None = None, real: bool | None = None, *, features: Any = None) -> None:
         """Add a batch of images (through the embedder) or of precomputed embeddings to one side."""
-        if not isinstance(real, bool):
-            raise InvalidConfigError("CMMD.update: pass real=True (reference images) or real=False (generated)")
-        if (imgs is None) == (features is None):
-            raise InvalidConfigError("CMMD.update: pass exactly one of imgs and features")
+        _check_update("CMMD", imgs, real, features)
         if features is None:
             if self.embedder is None:
                 raise InvalidConfigError("CMMD was built without an embedder: pass embeddings with "
