@@ -14,13 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SDXL_BENCH_TEST_THREADS
 
 import pytest  # noqa: E402
 
-# The sdxl-bench plugin (--sdxl-* options, markers); also a pytest11 entry point once the package is installed.
+# The sdxl-bench plugin (--sdxl-* options, markers gpu/slow/bench with their skips); also a pytest11 entry point
+# once the package is installed.
 pytest_plugins = ["sdxl_core.pytest_plugin"]
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run tests marked slow (real or full-size weights, long CPU runs)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,22 +26,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # numpy 2 deprecation inside diffusers' Euler scheduler, once per pipeline call: not ours to fix.
     config.addinivalue_line("filterwarnings",
                             "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    run_slow = config.getoption("--run-slow")
-    skip_slow = pytest.mark.skip(reason="slow: pass --run-slow to run it")
-    cuda = None
-    for item in items:
-        if "slow" in item.keywords and not run_slow:
-            item.add_marker(skip_slow)
-        if "gpu" in item.keywords:
-            if cuda is None:
-                import torch
-
-                cuda = torch.cuda.is_available()
-            if not cuda:
-                item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -46,6 +46,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if key == "lora":
             kwargs["action"] = "append"
         group.addoption(option_name(key), **kwargs)
+    group.addoption("--run-slow", action="store_true", default=False,
+                    help="also run tests marked slow (real or full-size weights, long CPU runs)")
     group.addoption("--sdxl-compare", dest="sdxl_compare", default=None, metavar="RUN",
                     help="after the run, compare it with this earlier run folder (regression gate)")
     group.addoption("--sdxl-fail-on", dest="sdxl_fail_on", action="append", default=[], metavar="RULE",
@@ -55,6 +57,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` runs only with --run-slow; ``gpu`` is skipped without a CUDA device."""
+    run_slow = config.getoption("--run-slow")
+    cuda = None
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: pass --run-slow to run it"))
+        if "gpu" in item.keywords:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device"))
 
 
 def resolve_config(config: pytest.Config) -> BenchConfig:

@@ -71,3 +71,24 @@ def test_quality_suite_resume_and_gate(tmp_path):
     assert gated.returncode == 0 and "sdxl-bench gate: passed" in gated.stdout, gated.stdout[-3000:]
     missing = run("--sdxl-run-id", "c", "--sdxl-compare", str(tmp_path / "nope"), "--sdxl-fail-on", "clip:-0.5")
     assert missing.returncode == 1 and "sdxl-bench gate: cannot compare with" in missing.stdout, missing.stdout[-2000:]
+
+
+def test_gpu_and_slow_markers_skip(pytester):
+    pytester.makepyfile("""
+import pytest
+
+@pytest.mark.slow
+def test_slow():
+    pass
+
+@pytest.mark.gpu
+def test_gpu():
+    import torch
+    assert torch.cuda.is_available()
+""")
+    result = pytester.runpytest_inprocess("-p", "sdxl_core.pytest_plugin", "-rs")
+    import torch
+
+    result.assert_outcomes(skipped=1 if torch.cuda.is_available() else 2, passed=1 if torch.cuda.is_available() else 0)
+    result.stdout.fnmatch_lines(["*slow: pass --run-slow to run it*"])
+    assert pytester.runpytest_inprocess("-p", "sdxl_core.pytest_plugin", "--run-slow", "-k", "slow").ret == 0
