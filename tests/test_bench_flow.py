@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -98,3 +99,36 @@ def test_report_across_lora_versions(flow):
     v1, v2 = _results(tmp / "runs" / "lora-v1"), _results(tmp / "runs" / "lora-v2")
     assert v1["loras"][0]["label"] == "wrong@v1" and v2["loras"][0]["label"] == "wrong@v2"
     assert v1["loras"][0]["sha256"] != v2["loras"][0]["sha256"]
+
+
+def test_a_failing_case_is_an_error_row_and_the_session_fails(pytester, tmp_path):
+    """Fault injection: one case raises (as CUDA out-of-memory would); the others finish, results.json holds
+    the error row with its message, the report shows it, and pytest exits non-zero."""
+    pytester.makeconftest("""
+import pytest
+from sdxl_core.bench_cases import CaseRunner
+
+_generate = CaseRunner.generate
+
+def failing(self, case):
+    if case.prompt_index == 1 and case.variant == "wrong_negative":
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+    return _generate(self, case)
+
+CaseRunner.generate = failing
+""")
+    pytester.makepyfile(test_quality=(ROOT / "bench" / "test_quality.py").read_text())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a wolf\nan eye\n")
+    result = pytester.runpytest_inprocess("-p", "sdxl_core.pytest_plugin", "-q", "--sdxl-seeds", "0",
+                                          "--sdxl-steps", "4", "--sdxl-size", "64", "--sdxl-prompts", str(prompts),
+                                          "--sdxl-run-dir", str(tmp_path / "runs"), "--sdxl-run-id", "oom")
+    assert result.ret == 1
+    result.assert_outcomes(passed=3, failed=1)
+    doc = _results(tmp_path / "runs" / "oom")
+    status = {c["id"]: (c["status"], c["message"]) for c in doc["cases"]}
+    assert status["wrong_negative-p1-s0"] == ("error", "RuntimeError: CUDA out of memory. Tried to allocate "
+                                                       "20.00 GiB (injected)")
+    assert [s for s, _ in status.values()].count("ok") == 3
+    page = (tmp_path / "runs" / "oom" / "report" / "index.html").read_text()
+    assert "CUDA out of memory" in page
