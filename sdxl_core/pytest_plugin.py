@@ -7,6 +7,7 @@ rootdir's ``pyproject.toml`` over defaults).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -57,10 +58,62 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    if distributed_world_size() > 1:
+        _setup_distributed(config)
+
+
+# ------------------------------------------------------------------------------------------------ scale-out
+# Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) every process runs the same pytest command: the cases
+# are split between processes with accelerate's split_between_processes, each process writes its images and
+# log lines into the one run folder, and after a barrier the main process scores and reports once.
+
+_STATE_KEY = pytest.StashKey[Any]()
+_RUN_ID_KEY = pytest.StashKey[str]()
+_PENDING_KEY = pytest.StashKey[Any]()
+
+
+def distributed_world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _setup_distributed(config: pytest.Config) -> None:
+    """All processes: start accelerate's process group and agree on one run id (the main process's)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
+    run_id = [config.getoption("sdxl_run_id")]
+    if run_id[0] is None:
+        from sdxl_core.bench_run import new_run_id
+
+        run_id = [new_run_id() if state.is_main_process else None]
+        broadcast_object_list(run_id, from_process=0)
+    config.stash[_STATE_KEY] = state
+    config.stash[_RUN_ID_KEY] = run_id[0]
+
+
+def _shard(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep this process's share of the cases (a contiguous, deterministic split); other tests run on the main
+    process only."""
+    state = config.stash[_STATE_KEY]
+    case_items = [it for it in items if "sdxl_case" in getattr(getattr(it, "callspec", None), "params", {})]
+    with state.split_between_processes([it.nodeid for it in case_items]) as mine:
+        keep = set(mine)
+    selected = [it for it in items if it.nodeid in keep or (it not in case_items and state.is_main_process)]
+    deselected = [it for it in items if it not in selected]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``slow`` runs only with --run-slow; ``gpu`` is skipped without a CUDA device."""
+    """``slow`` runs only with --run-slow; ``gpu`` is skipped without a CUDA device; under torchrun/accelerate
+    each process keeps its share of the cases."""
+    if _STATE_KEY in config.stash:
+        _shard(config, items)
     run_slow = config.getoption("--run-slow")
     cuda = None
     for item in items:
@@ -104,11 +157,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def sdxl_runner(sdxl_config: BenchConfig) -> Any:
+def sdxl_runner(sdxl_config: BenchConfig, pytestconfig: pytest.Config) -> Any:
     """The session's pipelines with every LoRA version loaded as its own adapter (switched per case)."""
     from sdxl_core.bench_cases import CaseRunner
 
-    return CaseRunner(sdxl_config)
+    state = pytestconfig.stash.get(_STATE_KEY, None)
+    return CaseRunner(sdxl_config, device=str(state.device) if state is not None else None)
 
 
 @pytest.fixture(scope="session")
@@ -116,13 +170,22 @@ def sdxl_run(sdxl_config: BenchConfig, sdxl_runner: Any, pytestconfig: pytest.Co
     """The session's run folder; at the end the images are scored, ``results.json`` and the report written."""
     from sdxl_core.bench_run import BenchRun
 
+    if _RUN_ID_KEY in pytestconfig.stash:
+        sdxl_config = replace(sdxl_config, run_id=pytestconfig.stash[_RUN_ID_KEY])
     run = BenchRun(sdxl_config, root=pytestconfig.rootpath)
     yield run
-    results = run.finalize(loras=[r.as_dict() for r in sdxl_runner.records])
-    pytestconfig.stash[_RESULTS_KEY] = results
+    loras = [r.as_dict() for r in sdxl_runner.records]
+    if _STATE_KEY in pytestconfig.stash:  # scored once, by the main process, after every process is done
+        pytestconfig.stash[_PENDING_KEY] = (run, loras)
+        return
+    _finish(pytestconfig, run, loras)
+
+
+def _finish(config: pytest.Config, run: Any, loras: list[dict[str, Any]]) -> None:
     from sdxl_core.html_report import publish_run
 
-    pytestconfig.stash[_REPORT_KEY] = publish_run(run.folder)  # the run's report, and the list of runs
+    config.stash[_RESULTS_KEY] = run.finalize(loras=loras)
+    config.stash[_REPORT_KEY] = publish_run(run.folder)  # the run's report, and the list of runs
 
 
 _RESULTS_KEY = pytest.StashKey[Any]()
@@ -134,6 +197,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The regression gate: with ``--sdxl-compare RUN``, compare this session's results with RUN and fail the
     session on any ``--sdxl-fail-on`` rule that the change breaks."""
     config = session.config
+    state = config.stash.get(_STATE_KEY, None)
+    if state is not None:
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return
+        if _PENDING_KEY in config.stash:
+            _finish(config, *config.stash[_PENDING_KEY])
     reference = config.getoption("sdxl_compare", None)
     if not reference:
         return

@@ -21,6 +21,8 @@ from sdxl_core.errors import InvalidConfigError
 from sdxl_core.score_inputs import ImageSet, collect_sets, load_images
 
 SCHEMA = "sdxl-bench score v1"
+# Scoring runs in one process (the main one of a distributed run, after the others finished), so metrics never
+# synchronise state across processes: sync_on_compute=False.
 from sdxl_core.score_args import METRICS
 BASELINE = "baseline"
 
@@ -69,7 +71,7 @@ def fid_of_features(real: np.ndarray, fake: np.ndarray) -> float:
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     n1, n2, d = real.shape[0], fake.shape[0], real.shape[1]
     if max(n1, n2) >= d:
-        metric = FID(dim=d)
+        metric = FID(dim=d, sync_on_compute=False)
         metric.update_features(real, real=True)
         metric.update_features(fake, real=False)
         return metric.compute().value
@@ -89,7 +91,7 @@ def _set_metric_fn(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
         return lambda real, fake: mmd_rbf(real, fake)
 
     def kid(real: np.ndarray, fake: np.ndarray) -> float:
-        metric = KID(dim=real.shape[1], subset_size=min(len(real), len(fake)))
+        metric = KID(dim=real.shape[1], subset_size=min(len(real), len(fake)), sync_on_compute=False)
         metric.update_features(real, real=True)
         metric.update_features(fake, real=False)
         return metric.compute().value
@@ -196,7 +198,7 @@ def _clip_scores(scorer: _Scorer, sets: list[ImageSet], doc: dict[str, Any]) -> 
 
     per_set: dict[str, dict[tuple[Any, ...], float]] = {}
     for s in sets:
-        metric = ClipScore(embedder=scorer.clip())
+        metric = ClipScore(embedder=scorer.clip(), sync_on_compute=False)
         if s.images:
             metric.update(load_images(s), s.prompts)
         out = metric.compute() if s.images else {"clip_score": None, "per_image": [], "truncated": []}
