@@ -143,6 +143,7 @@ class BenchRun:
             "config": {**self.config.as_dict(), "settings": _settings_dict(self.settings)},
             "loras": loras or [], "metrics": {}, "cases": case_rows, "sets": {}, "comparisons": [],
             "latency": self.latency, "warnings": []}
+        self._check_prompts(doc)
         t0 = time.perf_counter()
         if score:
             self._score(doc)
@@ -155,6 +156,18 @@ class BenchRun:
         check_document(doc)
         write_json_atomic(self.folder / RESULTS_FILE, doc)
         return self.folder / RESULTS_FILE
+
+    def _check_prompts(self, doc: dict[str, Any]) -> None:
+        """What the text encoders make of each prompt: token count, truncation past 77 tokens, compel syntax
+        that does not parse as meant (``(word:1.3)``, unbalanced parentheses); recorded, and listed as warnings."""
+        from sdxl_core.prompt_check import check_prompt
+
+        prompts = dict(sorted({c.prompt_index: c.prompt for c in self.cases}.items()))
+        doc["prompts"] = []
+        for index, prompt in prompts.items():
+            check = check_prompt(prompt).as_dict()
+            doc["prompts"].append({"index": index, **check})
+            doc["warnings"] += [f"prompt #{index}: {w}" for w in check["warnings"]]
 
     def _score(self, doc: dict[str, Any]) -> None:
         from sdxl_core.score import ScoreConfig, score_sets

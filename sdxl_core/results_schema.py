@@ -19,7 +19,8 @@ Schema version 1::
       "comparisons": [Comparison.as_dict(), ...],          # each group against baseline, interval + verdict
       "latency": [{"case": id, "median_s", "rounds", "stage_seconds", "images_per_second"}],  # when timed
       "warnings": [str],
-      "timing": {"generation_s", "diffusers_s", "harness_overhead", "scoring_s"}  # this session's images
+      "timing": {"generation_s", "diffusers_s", "harness_overhead", "scoring_s"},  # this session's images
+      "prompts": [{"index", "prompt", "warnings", "n_tokens", "max_tokens", "truncated", ...}]  # optional
     }
 
     CaseRow = {"id", "variant", "lora", "prompt_index", "prompt", "seed", "negative_prompt",
