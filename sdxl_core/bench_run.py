@@ -183,7 +183,8 @@ class BenchRun:
             return
         model, pretrained, smoke = self.config.clip_spec()
         config = ScoreConfig(fake=str(self.folder), reference=self.config.reference, clip_model=model,
-                             clip_pretrained=pretrained, clip_smoke=smoke, features=self.config.feature_network())
+                             clip_pretrained=pretrained, clip_smoke=smoke, features=self.config.feature_network(),
+                             clip_download=self.config.clip_model is not None)  # only weights the user named
         order = ["baseline"] + sorted(g for g in groups if g != "baseline")
         scored = score_sets([ImageSet(g, tuple(groups[g])) for g in order if g in groups], config)
         by_key = {(group_name(r["variant"], r["lora"]), (r["prompt_index"], r["seed"])): r for r in doc["cases"]}

@@ -38,6 +38,8 @@ class ScoreConfig:
     clip_model: str = "ViT-L-14"
     clip_pretrained: str | None = None  # a tag such as "openai", or a local weights file
     clip_smoke: bool = False
+    # Weights are fetched from a hub only when the user named them (--clip-pretrained), never for a default.
+    clip_download: bool = False
     resolution: int | None = None  # resize (centre crop) before the feature networks; None: as stored
     resamples: int = 1000
     seed: int = 0
@@ -116,7 +118,7 @@ class _Scorer:
             from sdxl_core.metrics.clip import ClipEmbedder
 
             self._clip = ClipEmbedder(self.c.clip_model, self.c.clip_pretrained, smoke=self.c.clip_smoke,
-                                      device=self.c.device)
+                                      device=self.c.device, allow_download=self.c.clip_download)
         return self._clip
 
     def features(self, files: list[Path], kind: str) -> np.ndarray:
@@ -274,6 +276,7 @@ def main(args: Any) -> int:
                          metrics=parse_metrics(args.metrics), features=args.features,
                          feature_weights=args.feature_weights, clip_model=args.clip_model,
                          clip_pretrained=args.clip_pretrained, clip_smoke=args.clip_smoke,
+                         clip_download=args.clip_pretrained is not None,
                          resolution=args.resolution, resamples=args.resamples, seed=args.seed, device=args.device)
     doc = score(config)
     if args.json:

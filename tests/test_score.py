@@ -124,3 +124,13 @@ def test_cli_writes_json(run_folder, tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["schema"] == "sdxl-bench score v1" and "wrong_negative" in doc["sets"]
     assert "clip: wrong_negative - baseline" in capsys.readouterr().out
+
+
+def test_default_clip_weights_are_never_downloaded(photos, tmp_path, monkeypatch):
+    """Online but the user named no CLIP weights: nothing is fetched; the error says what to pass."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HF_HOME", "XDG_CACHE_HOME", "HF_HUB_CACHE", "TORCH_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    with pytest.raises(MissingDependencyError, match="downloads are off"):
+        score(ScoreConfig(fake=str(photos), prompts=None, metrics=("cmmd",), clip_model="ViT-B-32",
+                          features="effnet-lite0"))

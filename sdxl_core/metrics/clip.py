@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CLIP_MODEL = "ViT-L-14"
 DEFAULT_CLIP_PRETRAINED = "openai"
 WEIGHT_FILE_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz")
-_FIX = "pass a local weights file with clip_weights=... / --clip-weights FILE"
+_FIX = ("pass a local weights file (clip_weights=FILE; sdxl-bench score --clip-pretrained FILE; pytest "
+        "--sdxl-clip-model MODEL:FILE), or name the tag to allow a download (--clip-pretrained openai; "
+        "--sdxl-clip-model ViT-L-14:openai)")
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -136,7 +138,7 @@ def _check_model_name(model_name: str) -> None:
     if model_name.startswith(("hf-hub:", "local-dir:")):
         raise InvalidConfigError(f"CLIP model {model_name!r}: hf-hub:/local-dir: sources are not supported; pass a "
                                  f"built-in open_clip model name (e.g. {DEFAULT_CLIP_MODEL!r}) and a weights file "
-                                 f"with clip_weights=... / --clip-weights FILE")
+                                 f"with clip_weights=FILE (sdxl-bench score --clip-pretrained FILE)")
     if open_clip.get_model_config(model_name) is None:
         import difflib
 
@@ -259,7 +261,7 @@ class ClipEmbedder:
     def __init__(self, model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | os.PathLike | None = None, *,
                  clip_weights: str | os.PathLike | None = None, smoke: bool = False, seed: int = 0,
                  device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
-                 quick_gelu: bool | None = None, batch_size: int = 32) -> None:
+                 quick_gelu: bool | None = None, batch_size: int = 32, allow_download: bool | None = None) -> None:
         import open_clip
 
         if batch_size < 1:
@@ -286,7 +288,8 @@ class ClipEmbedder:
             self.weights_file = None
         else:
             pretrained = DEFAULT_CLIP_PRETRAINED if pretrained is None else pretrained
-            source, tag_cfg = resolve_clip_weights(model_name, str(pretrained), cache_dir=cache_dir)
+            source, tag_cfg = resolve_clip_weights(model_name, str(pretrained), cache_dir=cache_dir,
+                                                   allow_download=allow_download)
             self.pretrained = str(pretrained) if tag_cfg else source
         #: the local file the weights come from (a cached tag file or the given file); None for smoke/download
         self.weights_file = source if source is not None and os.path.isfile(source) else None

@@ -217,7 +217,7 @@ def test_missing_weights_fail_fast_with_the_fix(empty_caches, monkeypatch):
     assert time.perf_counter() - t0 < 5
     msg = str(err.value)
     for part in ("'ViT-L-14'", "'openai'", "open_clip_pytorch_model.bin", "timm/vit_large_patch14_clip_224.openai",
-                 "ViT-L-14.pt", "clip_weights=", "--clip-weights FILE", str(empty_caches / "hf" / "hub"),
+                 "ViT-L-14.pt", "clip_weights=FILE", "--clip-pretrained FILE", str(empty_caches / "hf" / "hub"),
                  os.path.join(str(empty_caches / "home"), ".cache", "clip"), "smoke=True"):
         assert part in msg, part
     assert "Traceback" not in msg
@@ -256,7 +256,7 @@ def test_weights_found_in_caches_without_network(empty_caches, emb, monkeypatch)
 
 
 def test_bad_weight_arguments(empty_caches, tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"nope\.bin.*does not exist.*--clip-weights FILE"):
+    with pytest.raises(ModelNotFoundError, match=r"nope\.bin.*does not exist.*--clip-pretrained FILE"):
         ClipEmbedder(SMALL, clip_weights=str(tmp_path / "nope.bin"))
     with pytest.raises(InvalidConfigError, match="'laion9' is not known for model 'ViT-B-32'.*openai"):
         ClipEmbedder("ViT-B-32", "laion9")
