@@ -9,6 +9,7 @@ peak GPU memory and images per second; machine info gets the GPU, driver and lib
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import asdict
 
@@ -21,6 +22,10 @@ WARMUP_ROUNDS = 1
 
 @pytest.mark.bench
 def test_latency(benchmark, sdxl_case, sdxl_runner, sdxl_run):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.fail("the latency suite does not run under pytest-xdist: timings must not share a card or CPU with "
+                    "other workers; run bench/test_latency.py without -n (bench/test_quality.py scales with -n)",
+                    pytrace=False)
     cuda = sdxl_runner.pipes.device.type == "cuda"
     stages = []
 

@@ -133,6 +133,20 @@ def generation_settings(config: BenchConfig) -> Any:
     return settings
 
 
+def _xdist_worker_device() -> str | None:
+    """Under ``pytest -n N`` each worker takes its own GPU (worker gwK -> cuda:K modulo the GPU count)."""
+    import os
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
+
+
 class CaseRunner:
     """Loaded pipelines with every LoRA version as its own adapter; :meth:`request` sets a case's adapters."""
 
@@ -144,6 +158,7 @@ class CaseRunner:
         self.config = config
         self.settings = generation_settings(config)
         refiner = config.refiner if config.refiner is not None else ("tiny" if config.base == "tiny" else None)
+        device = device or _xdist_worker_device()
         self.pipes = load_pipelines(config.base, None if refiner == "none" else refiner, vae=config.vae,
                                     device=device, dtype=dtype)
         specs = [parse_lora_spec(s) for s in config.lora]

@@ -60,6 +60,37 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
     if distributed_world_size() > 1:
         _setup_distributed(config)
+    elif hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller's run id
+        if "sdxl_run_id" in config.workerinput:
+            config.stash[_RUN_ID_KEY] = config.workerinput["sdxl_run_id"]
+    elif getattr(config.option, "numprocesses", None):  # the pytest-xdist controller (-n N)
+        from sdxl_core.bench_run import new_run_id
+
+        config.stash[_RUN_ID_KEY] = config.getoption("sdxl_run_id") or new_run_id()
+        config.stash[_XDIST_KEY] = True
+
+
+_XDIST_KEY = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist: every worker writes into the controller's run (one run id, one folder)."""
+    node.workerinput["sdxl_run_id"] = node.config.stash[_RUN_ID_KEY]
+
+
+def _finish_xdist(config: pytest.Config) -> None:
+    """The controller scores and reports once, after all workers are done, if they made images."""
+    from sdxl_core.bench_run import BenchRun
+    from sdxl_core.lora_files import lora_record, parse_lora_spec, resolve_lora_file
+    from sdxl_core.results_schema import IMAGES_LOG
+
+    bench = replace(resolve_config(config), run_id=config.stash[_RUN_ID_KEY])
+    run = BenchRun(bench, root=config.rootpath)
+    if not (run.folder / IMAGES_LOG).exists():
+        return
+    specs = [parse_lora_spec(s) for s in bench.lora]
+    _finish(config, run, [lora_record(s, resolve_lora_file(s)).as_dict() for s in specs])
 
 
 # ------------------------------------------------------------------------------------------------ scale-out
@@ -175,6 +206,8 @@ def sdxl_run(sdxl_config: BenchConfig, sdxl_runner: Any, pytestconfig: pytest.Co
     run = BenchRun(sdxl_config, root=pytestconfig.rootpath)
     yield run
     loras = [r.as_dict() for r in sdxl_runner.records]
+    if hasattr(pytestconfig, "workerinput"):  # pytest-xdist: the controller scores once
+        return
     if _STATE_KEY in pytestconfig.stash:  # scored once, by the main process, after every process is done
         pytestconfig.stash[_PENDING_KEY] = (run, loras)
         return
@@ -204,6 +237,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             return
         if _PENDING_KEY in config.stash:
             _finish(config, *config.stash[_PENDING_KEY])
+    if config.stash.get(_XDIST_KEY, False):
+        _finish_xdist(config)
     reference = config.getoption("sdxl_compare", None)
     if not reference:
         return

@@ -86,3 +86,30 @@ def test_killed_two_process_run_finishes_on_one_process(setup):
     assert not done & {json.loads(x)["id"] for x in after[len(before):]}
     if (tmp / "runs" / "one").exists():
         _same_results(tmp / "runs" / "one", folder)
+
+
+def _one_process_run(tmp: Path, args: list[str]) -> Path:
+    one = tmp / "runs" / "one"
+    if not (one / "results.json").exists():
+        _check(subprocess.run([sys.executable] + args + ["--sdxl-run-id", "one"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env=ENV))
+    return one
+
+
+def test_xdist_workers_merge_into_one_run(setup):
+    tmp, args = setup
+    one = _one_process_run(tmp, args)
+    proc = subprocess.run([sys.executable] + args + ["-n", "2", "--sdxl-run-id", "xdist"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    _check(proc)
+    assert proc.stdout.count("sdxl-bench results:") == 1  # the controller scores once
+    _same_results(one, tmp / "runs" / "xdist")
+
+
+def test_latency_refuses_xdist(setup, tmp_path):
+    tmp, args = setup
+    latency = [a if not a.endswith("test_quality.py") else str(ROOT / "bench" / "test_latency.py") for a in args]
+    proc = subprocess.run([sys.executable] + latency + ["-n", "2", "--sdxl-run-id", "lat"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 1
+    assert "the latency suite does not run under pytest-xdist" in proc.stdout
