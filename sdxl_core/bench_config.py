@@ -226,9 +226,9 @@ def _check(c: BenchConfig) -> None:
         raise InvalidConfigError(f"{option_name('size')} {c.size} must be a positive multiple of 8")
     if not 0 < c.high_noise_frac < 1:
         raise InvalidConfigError(f"{option_name('high_noise_frac')} must be between 0 and 1, got {c.high_noise_frac}")
-    if not 0 <= c.guidance_scale <= 50:
-        raise InvalidConfigError(f"{option_name('guidance_scale')} {c.guidance_scale} is outside 0-50 "
-                                 f"(values up to 1 turn classifier-free guidance off)")
+    if not 0 <= c.guidance_scale <= 100:  # the range GenerationSettings accepts
+        raise InvalidConfigError(f"{option_name('guidance_scale')} {c.guidance_scale} is outside 0-100; SDXL is "
+                                 f"usually run at 5-13 (values up to 1 turn classifier-free guidance off)")
     if c.run_id is not None:
         import re
 
