@@ -450,12 +450,20 @@ def _render_one(pipes: Any, encoder: Any, run: ResolvedRun, item: WorkItem) -> d
         seconds = time.perf_counter() - t0
         write_png_atomic(run.folder / item.file, output.images[0])
         row.update(file=item.file, seconds=round(seconds, 4),
-                   stage_seconds={k: round(v, 4) for k, v in output.stage_seconds.items()}, status="ok")
+                   stage_seconds={k: round(v, 4) for k, v in output.stage_seconds.items()}, status="ok",
+                   sanity=list(_sanity_flags(output)))
     except Exception as exc:  # one failing image is recorded and the run goes on
         message = f"{type(exc).__name__}: {exc}"
         row.update(seconds=round(time.perf_counter() - t0, 4), message=message[:_MAX_MESSAGE])
     row["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return row
+
+
+def _sanity_flags(output: Any) -> tuple[str, ...]:
+    """NaN/inf in pixels or latents, black or constant images (the fp16 VAE failure mode): recorded per row."""
+    from sdxl_core.metrics.sanity import image_sanity
+
+    return image_sanity(output.images[0], output.latents).flags
 
 
 def summarize(run_dir: str | Path) -> dict[str, int]:

@@ -179,7 +179,7 @@ def test_run_folder_layout(tmp_path, spy):
     result = rows(folder)
     assert len(result) == 2 * 2 * 2
     for r in result:
-        assert r["status"] == "ok" and r["message"] is None
+        assert r["status"] == "ok" and r["message"] is None and r["sanity"] == []
         assert r["file"] == f"images/{r['variant']}/{r['prompt_index']}-{r['seed']}.png"
         assert (folder / r["file"]).is_file()
         assert set(r) >= {"variant", "prompt", "prompt_index", "seed", "negative_prompt", "lora_scale", "file",
