@@ -31,3 +31,12 @@ class MetricInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "lower_is_better": self.lower_is_better}
+
+
+def gathered_masks(state: Any) -> Any:
+    """A per-image bitmask state (a list of int64 tensors, or one tensor after a distributed sync) as one tensor."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state
+    return torch.cat(state) if state else torch.empty(0, dtype=torch.int64)

@@ -28,7 +28,7 @@ import torch
 from torchmetrics import Metric
 
 from sdxl_core.errors import InvalidConfigError
-from sdxl_core.metrics.meta import MetricInfo
+from sdxl_core.metrics.meta import MetricInfo, gathered_masks
 
 FLAGS: tuple[str, ...] = ("nan_pixels", "inf_pixels", "nan_latents", "inf_latents", "black", "constant")
 BLACK_MEAN_MAX = 2.0
@@ -215,8 +215,7 @@ class ImageSanity(Metric):
         self.n_images += len(masks)
 
     def compute(self) -> dict[str, Any]:
-        masks = torch.cat(self.masks) if isinstance(self.masks, list) and self.masks else (
-            self.masks if isinstance(self.masks, torch.Tensor) else torch.empty(0, dtype=torch.int64))
+        masks = gathered_masks(self.masks)
         details = []
         for idx, m in enumerate(masks.reshape(-1).tolist()):
             if m:

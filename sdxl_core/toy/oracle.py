@@ -33,7 +33,7 @@ from skimage.color import rgb2lab
 from torchmetrics import Metric
 
 from sdxl_core.errors import InvalidConfigError
-from sdxl_core.metrics.meta import MetricInfo
+from sdxl_core.metrics.meta import MetricInfo, gathered_masks
 from sdxl_core.toy.world import COLOURS, CaptionParams, parse_caption
 
 CHECKS: tuple[str, ...] = ("background", "colour", "count", "shape", "size", "position")
@@ -245,8 +245,7 @@ class OracleAccuracy(Metric):
         self.n_images += len(masks)
 
     def compute(self) -> dict[str, Any]:
-        masks = torch.cat(self.masks) if isinstance(self.masks, list) and self.masks else (
-            self.masks if isinstance(self.masks, torch.Tensor) else torch.empty(0, dtype=torch.int64))
+        masks = gathered_masks(self.masks)
         n = int(self.n_images.item())
         full = (1 << len(CHECKS)) - 1
         per_image = [{"index": i, "correct": m == full, "checks": {c: bool(m >> j & 1) for j, c in enumerate(CHECKS)}}
