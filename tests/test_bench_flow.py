@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from process_helpers import kill_after_lines
 
 pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +52,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(flow):
     tmp, argv, loras = flow
     _run(argv, "--sdxl-lora", loras["v1"], "--sdxl-run-id", "whole")
     killed = tmp / "runs" / "killed"
-    proc = subprocess.Popen(argv + ["--sdxl-lora", loras["v1"], "--sdxl-run-id", "killed"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = killed / "images.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = log.read_text().splitlines()
+    before = kill_after_lines(argv + ["--sdxl-lora", loras["v1"], "--sdxl-run-id", "killed"], log, 3, ROOT)
     assert 3 <= len(before) < 12 and not (killed / "results.json").exists()
     done_before = {json.loads(line)["id"]: json.loads(line)["image"] for line in before if line.endswith("}")}
     _run(argv, "--sdxl-lora", loras["v1"], "--sdxl-run-id", "killed")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from process_helpers import kill_after_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -68,15 +67,8 @@ def test_two_processes_give_the_one_process_result(setup):
 def test_killed_two_process_run_finishes_on_one_process(setup):
     tmp, args = setup
     folder = tmp / "runs" / "killed"
-    proc = subprocess.Popen(_torchrun(2) + args + ["--sdxl-run-id", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=ENV)
     log = folder / "images.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = log.read_text().splitlines()
+    before = kill_after_lines(_torchrun(2) + args + ["--sdxl-run-id", "killed"], log, 4, ROOT, env=ENV)
     assert 4 <= len(before) < 12 and not (folder / "results.json").exists()
     _check(subprocess.run([sys.executable] + args + ["--sdxl-run-id", "killed"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=ENV))
