@@ -48,10 +48,10 @@ def git_state(root: str | Path = ".") -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    from sdxl_core.pytest_plugin import _gpu_info, library_versions
+    from sdxl_core.provenance import gpu_info, library_versions
 
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "libraries": library_versions(), **_gpu_info()}
+            "libraries": library_versions(), **gpu_info()}
 
 
 class BenchRun:

@@ -268,39 +268,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(f"sdxl-bench gate: {line}")
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries a timing or a score depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    libs: dict[str, str | None] = {}
-    for pkg in ("torch", "diffusers", "transformers", "compel", "peft", "accelerate", "open-clip-torch",
-                "torchmetrics", "sdxl-bench"):
-        try:
-            libs[pkg] = version(pkg)
-        except PackageNotFoundError:
-            libs[pkg] = None
-    return libs
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     """GPU name, driver, CUDA and the library versions a timing depends on, in pytest-benchmark's machine info."""
-    machine_info["sdxl_bench"] = {"libraries": library_versions(), **_gpu_info()}
+    from sdxl_core.provenance import gpu_info, library_versions
 
-
-def _gpu_info() -> dict[str, Any]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"gpu": None}
-    props = torch.cuda.get_device_properties(0)
-    info: dict[str, Any] = {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-    except Exception as exc:  # optional: the driver version only; say why it is missing
-        info["driver"] = f"unknown ({type(exc).__name__})"
-    return info
+    machine_info["sdxl_bench"] = {"libraries": library_versions(), **gpu_info()}

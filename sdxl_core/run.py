@@ -267,15 +267,11 @@ def config_document(run: ResolvedRun) -> dict[str, Any]:
 
 
 def _environment() -> dict[str, str]:
-    from importlib import metadata
+    from sdxl_core.provenance import library_versions
 
-    env = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "compel", "peft"):
-        try:
-            env[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:  # shown as absent; the run fails later where it is needed
-            pass
-    return env
+    found = library_versions(("torch", "diffusers", "transformers", "compel", "peft"))
+    # a missing package is shown as absent; the run fails later where it is needed
+    return {"python": platform.python_version(), **{k: v for k, v in found.items() if v is not None}}
 
 
 # ------------------------------------------------------------------------------------------------

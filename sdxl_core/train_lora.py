@@ -519,15 +519,10 @@ def _write_final(config: TrainConfig, pipes: Any, modules: dict[str, torch.nn.Mo
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from sdxl_core.provenance import library_versions
 
-    found = {}
-    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate"):
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            found[pkg] = "not installed"
-    return found
+    found = library_versions(("torch", "diffusers", "transformers", "peft", "accelerate"))
+    return {pkg: v or "not installed" for pkg, v in found.items()}
 
 
 def config_from_args(args: Any) -> TrainConfig:
