@@ -67,6 +67,7 @@ class BenchRun:
         self.git = git_state(root)
         self.latency: list[dict[str, Any]] = []  # rows the latency suite adds (written into results.json)
         self.timing = {"generation_s": 0.0, "diffusers_s": 0.0}  # wall time of generate() and inside diffusers
+        self._known: dict[str, dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------- images
     def image_file(self, case: BenchCase) -> str:
@@ -74,23 +75,28 @@ class BenchRun:
         return f"images/{case.variant}/{case.lora or 'none'}/{case.prompt_index}-{case.seed}.png"
 
     def log_rows(self) -> dict[str, dict[str, Any]]:
-        """The newest line per case id of ``images.jsonl`` (an ``ok`` line is never replaced by an error)."""
+        """The newest line per case id of ``images.jsonl`` on disk, every process's lines included."""
         latest: dict[str, dict[str, Any]] = {}
         for row in read_json_lines(self.folder / IMAGES_LOG):
-            cid = row.get("id")
-            if isinstance(cid, str) and not (latest.get(cid, {}).get("status") == "ok" and row.get("status") != "ok"):
-                latest[cid] = row
+            _keep_newest(latest, row)
         return latest
 
+    def _rows(self) -> dict[str, dict[str, Any]]:
+        """This process's view of the log: read once, then kept up to date by :meth:`_append` (a process only
+        makes its own cases, so lines other processes add later never change what it has to do)."""
+        if self._known is None:
+            self._known = self.log_rows()
+        return self._known
+
     def is_done(self, case: BenchCase, rows: dict[str, dict[str, Any]] | None = None) -> bool:
-        row = (rows if rows is not None else self.log_rows()).get(case.id)
+        row = (rows if rows is not None else self._rows()).get(case.id)
         return bool(row and row.get("status") == "ok" and (self.folder / row["image"]).is_file())
 
     def generate(self, case: BenchCase, make: Callable[[BenchCase], Any]) -> dict[str, Any]:
         """Make ``case``'s image with ``make`` unless it is done; log an ``ok`` or ``error`` line. Errors are
         recorded and then raised, so the pytest case fails and the session exits non-zero."""
         if self.is_done(case):
-            return self.log_rows()[case.id]
+            return self._rows()[case.id]
         t0 = time.perf_counter()
         try:
             out = make(case)
@@ -102,7 +108,7 @@ class BenchRun:
     def record(self, case: BenchCase, out: Any, seconds: float, started: float | None = None) -> dict[str, Any]:
         """Write a generated image (atomically) and its ``ok`` line; a case already done is left as it is."""
         if self.is_done(case):
-            return self.log_rows()[case.id]
+            return self._rows()[case.id]
         write_png_atomic(self.folder / self.image_file(case), out.images[0])
         row = self._append(case, {"status": "ok", "image": self.image_file(case), "seconds": round(seconds, 4),
                                   "stage_seconds": {k: round(v, 4) for k, v in out.stage_seconds.items()}})
@@ -119,7 +125,9 @@ class BenchRun:
         row: dict[str, Any] = {"id": case.id, "variant": case.variant, "lora": case.lora,
                                "prompt_index": case.prompt_index, "seed": case.seed, "status": "error",
                                "message": None, "image": None, "seconds": None, "stage_seconds": {}, **fields}
-        append_json_line(self.folder / IMAGES_LOG, {**row, "finished": _now()})
+        line = {**row, "finished": _now()}
+        append_json_line(self.folder / IMAGES_LOG, line)
+        _keep_newest(self._rows(), line)
         return row
 
     # ---------------------------------------------------------------- results
@@ -196,6 +204,14 @@ class BenchRun:
             values.get("clip", {}).pop("per_image", None)  # kept per case instead
         doc.update(metrics=scored["metrics"], sets=scored["sets"], comparisons=scored["comparisons"])
         doc["warnings"] += scored["warnings"]
+
+
+def _keep_newest(latest: dict[str, dict[str, Any]], row: dict[str, Any]) -> None:
+    """Fold one log line into ``latest``: the newest line per case id wins, but an ``ok`` line is never replaced
+    by an error."""
+    cid = row.get("id")
+    if isinstance(cid, str) and not (latest.get(cid, {}).get("status") == "ok" and row.get("status") != "ok"):
+        latest[cid] = row
 
 
 def _settings_dict(settings: Any) -> dict[str, Any]:
