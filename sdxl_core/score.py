@@ -260,9 +260,11 @@ def _set_metric(scorer: _Scorer, name: str, sets: list[ImageSet], doc: dict[str,
     for set_name, f in feats.items():
         if set_name == BASELINE:
             continue
-        shared = sorted(set(keys[BASELINE]) & set(keys[set_name]))
-        ref_idx = [keys[BASELINE].index(k) for k in shared]
-        cand_idx = [keys[set_name].index(k) for k in shared]
+        ref_pos = {k: i for i, k in enumerate(keys[BASELINE])}
+        cand_pos = {k: i for i, k in enumerate(keys[set_name])}
+        shared = sorted(set(ref_pos) & set(cand_pos))
+        ref_idx = [ref_pos[k] for k in shared]
+        cand_idx = [cand_pos[k] for k in shared]
         comp = set_metric_difference(feats[BASELINE][ref_idx], f[cand_idx], fn, real_features=real,
                                      higher_is_better=False, n_resamples=max(scorer.c.resamples, 1000),
                                      seed=scorer.c.seed, metric=name, reference=BASELINE, candidate=set_name)
