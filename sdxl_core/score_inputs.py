@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_core.errors import InvalidConfigError
+from sdxl_core.imagefiles import IMAGE_SUFFIXES, image_files
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,6 @@ class ImageSet:
     @property
     def prompts(self) -> list[str | None]:
         return [im.prompt for im in self.images]
-
-
-def list_image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -62,7 +58,7 @@ def run_folder_sets(folder: Path) -> list[ImageSet]:
 
 
 def folder_set(folder: Path, prompts_file: str | None = None) -> ImageSet:
-    files = list_image_files(folder)
+    files = image_files(folder)
     if not files:
         raise InvalidConfigError(f"{str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     prompts: list[str | None] = [None] * len(files)

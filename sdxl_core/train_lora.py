@@ -30,13 +30,13 @@ import torch
 
 from sdxl_core.atomicio import write_json_atomic
 from sdxl_core.errors import InvalidConfigError
+from sdxl_core.imagefiles import IMAGE_SUFFIXES, image_files
 from sdxl_core.lora import UNET_TARGET_MODULES
 from sdxl_core.train_args import MIXED_PRECISION
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_NAME = "lora_metadata.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 # diffusers' train_dreambooth_lora_sdxl.py defaults
 ADAM_BETAS = (0.9, 0.999)
@@ -129,7 +129,7 @@ def list_images(folder: str | Path) -> list[Path]:
     if not path.is_dir():
         raise InvalidConfigError(f"--data {str(folder)!r} is not a folder; give a folder of training images "
                                  f"(e.g. one written by `sdxl-bench make-wrong-dataset`)")
-    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = image_files(path)
     if not images:
         raise InvalidConfigError(f"--data {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
