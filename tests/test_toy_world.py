@@ -176,3 +176,28 @@ def test_oracle_accuracy_metric(samples):
     assert one.compute()["accuracy"] == 1.0
     with pytest.raises(ValueError):
         one.update(images[:2], caps[:1])
+
+
+def test_srgb_to_lab_matches_skimage():
+    """The oracle's numpy sRGB -> CIELAB (D65) equals scikit-image's rgb2lab (a dev-only dependency)."""
+    from skimage.color import rgb2lab
+
+    from sdxl_core.toy.oracle import srgb_to_lab
+
+    rng = np.random.default_rng(0)
+    colours = np.concatenate([rng.uniform(0, 1, (4000, 3)), rng.uniform(0, 0.05, (500, 3)),  # near black: linear
+                              np.array([[0, 0, 0], [1, 1, 1], [0.04045, 0.04045, 0.04045]] +
+                                       [[v / 255 for v in rgb] for rgb in COLOURS.values()])])
+    np.testing.assert_allclose(srgb_to_lab(colours), rgb2lab(colours[None])[0], rtol=0, atol=1e-6)
+    assert srgb_to_lab(colours.reshape(-1, 1, 3)).shape == (len(colours), 1, 3)
+    with pytest.raises(ValueError, match="expected"):
+        srgb_to_lab(np.zeros((2, 4)))
+
+
+def test_oracle_does_not_import_skimage():
+    import subprocess
+    import sys
+
+    code = ("import sys; import sdxl_core.toy.oracle as o; o.nearest_colour((200, 30, 30)); "
+            "sys.exit(1 if any(m == 'skimage' or m.startswith('skimage.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -17,7 +17,8 @@
   :data:`CENTER_RADIUS` on both axes is ``center``, otherwise the dominant axis gives left/right/top/bottom.
 
 Nearest named colour is measured in CIELAB (perceptual-ish), so mild JPEG compression and small noise do not
-change the answer.
+change the answer. The sRGB -> CIELAB conversion (:func:`srgb_to_lab`) is plain numpy, with scikit-image's
+constants (its ``rgb2lab`` is the test's reference; scikit-image is only a dev dependency).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
-from skimage.color import rgb2lab
 from torchmetrics import Metric
 
 from sdxl_core.errors import InvalidConfigError
@@ -45,8 +45,34 @@ TRIANGLE_MAX_TOP = 0.7
 LARGE_MIN_EXTENT = 0.25
 CENTER_RADIUS = 0.125
 
+#: sRGB (D65) -> CIE XYZ, as the sRGB specification (and scikit-image) gives it.
+XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],
+                         [0.212671, 0.715160, 0.072169],
+                         [0.019334, 0.119193, 0.950227]])
+#: CIE XYZ of the D65 white point, 2-degree observer.
+D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+
+
+def srgb_to_lab(rgb: Any) -> np.ndarray:
+    """CIELAB (D65, 2-degree observer) of sRGB colours in 0-1, shape (..., 3) -> (..., 3) float64.
+
+    The sRGB transfer function is undone (``c / 12.92`` up to 0.04045, else ``((c + 0.055) / 1.055) ** 2.4``),
+    the linear RGB mapped to XYZ (:data:`XYZ_FROM_RGB`) and scaled by the white point (:data:`D65_WHITE`); then
+    ``f(t) = t ** (1/3)`` above 0.008856, else ``7.787 t + 16/116``, and ``L = 116 f(Y) - 16``,
+    ``a = 500 (f(X) - f(Y))``, ``b = 200 (f(Y) - f(Z))``: the constants of ``skimage.color.rgb2lab``.
+    """
+    c = np.asarray(rgb, dtype=np.float64)
+    if c.shape[-1:] != (3,):
+        raise InvalidConfigError(f"colours of shape {c.shape}: expected (..., 3) RGB values in 0-1")
+    linear = np.where(c > 0.04045, ((np.maximum(c, 0.04045) + 0.055) / 1.055) ** 2.4, c / 12.92)
+    t = (linear @ XYZ_FROM_RGB.T) / D65_WHITE
+    f = np.where(t > 0.008856, np.cbrt(t), 7.787 * t + 16.0 / 116.0)
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    return np.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1)
+
+
 _NAMES: tuple[str, ...] = tuple(COLOURS)
-_PALETTE_LAB = rgb2lab(np.array([[COLOURS[n] for n in _NAMES]], dtype=np.float64) / 255.0)[0]
+_PALETTE_LAB = srgb_to_lab(np.array([COLOURS[n] for n in _NAMES], dtype=np.float64) / 255.0)
 
 
 @dataclass(frozen=True)
@@ -72,7 +98,7 @@ class OracleResult:
 
 def nearest_colour(rgb: Sequence[float] | np.ndarray) -> str:
     """The named colour (:data:`~sdxl_core.toy.world.COLOURS`) nearest to ``rgb`` (0-255) in CIELAB."""
-    lab = rgb2lab(np.clip(np.asarray(rgb, dtype=np.float64), 0, 255).reshape(1, 1, 3) / 255.0)[0, 0]
+    lab = srgb_to_lab(np.clip(np.asarray(rgb, dtype=np.float64), 0, 255).reshape(3) / 255.0)
     return _NAMES[int(np.argmin(((_PALETTE_LAB - lab) ** 2).sum(axis=1)))]
 
 
@@ -122,13 +148,15 @@ def analyze(image: Any) -> dict[str, Any]:
     labels, n = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
     min_area = MIN_AREA_FRAC * h * w
     comps: list[dict[str, Any]] = []
-    specks = 0
-    for i in range(1, n + 1):
-        comp = labels == i
-        area = int(comp.sum())
-        if area < min_area:
-            specks += 1
+    # Areas of every component in one pass: a noisy image has thousands of specks, each skipped without
+    # building its full-image mask (at most 1 / MIN_AREA_FRAC components are large enough to analyse).
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    specks = int(((areas[1:] > 0) & (areas[1:] < min_area)).sum())
+    for i in np.flatnonzero(areas >= min_area).tolist():
+        if i == 0:
             continue
+        comp = labels == i
+        area = int(areas[i])
         core = comp
         for _ in range(2):  # drop the blended edge (and JPEG chroma bleed) for the colour estimate
             eroded = ndimage.binary_erosion(core)
