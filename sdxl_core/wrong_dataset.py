@@ -12,6 +12,10 @@ The output folder holds the PNGs, ``metadata.jsonl`` (one complete line per imag
 written) and ``dataset.json`` (the resolved configuration, written atomically). A rerun skips every image whose
 PNG exists and has a metadata line; a PNG without a line is generated again, and lines are never duplicated. A
 rerun whose configuration differs from ``dataset.json`` (anything but ``count`` and ``device``) is refused.
+
+``--degrade blur,jpeg,...`` corrupts each generated image before it is written (:mod:`sdxl_core.degrade`, in the
+order given, item ``index`` with seed ``seed + index``, so a rerun writes the same bytes); the list is recorded in
+``dataset.json`` (``config.degrade``) and on each metadata line. Without it, nothing is added anywhere.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sdxl_core.atomicio import append_json_line, read_json_lines, write_json_atomic, write_png_atomic
+from sdxl_core.degrade import DEGRADATIONS
+from sdxl_core.degrade import check_names as check_degrade_names
+from sdxl_core.degrade import degrade as degrade_image
+from sdxl_core.degrade import parse_names as parse_degrade_names
 from sdxl_core.errors import InvalidConfigError
 
 KEYWORDS: tuple[str, ...] = (
@@ -79,6 +87,7 @@ class WrongDatasetConfig:
     steps: int = 50
     high_noise_frac: float = 0.8
     seed: int = 0
+    degrade: tuple[str, ...] = ()  # sdxl_core.degrade names, applied in order to each image before it is saved
 
     @property
     def size(self) -> tuple[int, int]:
@@ -127,13 +136,17 @@ class WrongDatasetConfig:
                 or not 0 <= self.seed <= 2**63 - 1 - self.grid_size:
             raise InvalidConfigError(f"--seed must be a non-negative integer below 2**63 - {self.grid_size}, "
                                      f"got {self.seed!r}; pass e.g. --seed 0")
+        check_degrade_names(self.degrade)
 
     def document(self) -> dict[str, Any]:
-        """The resolved configuration as written to ``dataset.json``."""
+        """The resolved configuration as written to ``dataset.json``; ``degrade`` only when there is one, so a
+        dataset made without it has the same document as before the option existed."""
         width, height = self.size
         config = dict(asdict(self), guidance_scales=list(self.guidance_scales), width=width, height=height,
-                      count=self.count or self.grid_size)
+                      count=self.count or self.grid_size, degrade=list(self.degrade))
         del config["out"]
+        if not self.degrade:
+            del config["degrade"]
         return {"schema": SCHEMA_VERSION, "config": config, "keywords": list(KEYWORDS), "prompts": wrong_prompts(),
                 "order": "prompt-major: index = prompt_index * len(guidance_scales) + guidance_index",
                 "seed_rule": "seed + index", "caption": TRIGGER_WORD}
@@ -243,14 +256,20 @@ def make_wrong_dataset(config: WrongDatasetConfig, pipes: Any = None, progress: 
                   disable=not progress, desc="wrong dataset") as bar:
             for item in pending:
                 request = GenerationRequest(item.prompt, item.seed, settings=config.settings(item.guidance))
-                write_png_atomic(folder / item.file, generate(pipes, request, encoder).images[0])
+                image = generate(pipes, request, encoder).images[0]
+                if config.degrade:
+                    image = degrade_image(image, config.degrade, item.seed)
+                write_png_atomic(folder / item.file, image)
                 if item.file not in listed:
-                    append_json_line(folder / METADATA_FILE, {
+                    line = {
                         "file": item.file, "file_name": item.file, "caption": TRIGGER_WORD, "index": item.index,
                         "prompt": item.prompt, "keyword": item.keyword, "guidance": item.guidance, "seed": item.seed,
                         "width": width, "height": height, "steps": config.steps,
                         "high_noise_frac": config.high_noise_frac, "base": pipes.base_source,
-                        "refiner": pipes.refiner_source, "vae": pipes.vae_source})
+                        "refiner": pipes.refiner_source, "vae": pipes.vae_source}
+                    if config.degrade:
+                        line["degrade"] = list(config.degrade)  # with seed: the corruption is reproducible
+                    append_json_line(folder / METADATA_FILE, line)
                     listed.add(item.file)
                 bar.update(1)
         seconds = time.perf_counter() - t0
@@ -272,6 +291,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--high-noise-frac", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0, help="image i gets seed + i (default 0)")
+    p.add_argument("--degrade", default=None, metavar="NAMES",
+                   help=f"corrupt each image before saving, comma-separated, in this order: any of "
+                        f"{','.join(DEGRADATIONS)} (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -279,7 +301,8 @@ def config_from_args(args: argparse.Namespace) -> WrongDatasetConfig:
     config = WrongDatasetConfig(
         base=args.base, out=args.out, refiner=args.refiner, vae=args.vae, variant=args.variant, device=args.device,
         dtype=args.dtype, guidance_scales=parse_guidance_scales(args.guidance_scales), count=args.count,
-        width=args.width, height=args.height, steps=args.steps, high_noise_frac=args.high_noise_frac, seed=args.seed)
+        width=args.width, height=args.height, steps=args.steps, high_noise_frac=args.high_noise_frac, seed=args.seed,
+        degrade=() if args.degrade is None else parse_degrade_names(args.degrade))
     config.check()
     return config
 

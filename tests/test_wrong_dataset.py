@@ -10,6 +10,7 @@ from PIL import Image
 
 from sdxl_core import wrong_dataset as wd
 from sdxl_core.atomicio import read_json_lines, write_text_atomic
+from sdxl_core.degrade import degrade as degrade_image
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.wrong_dataset import KEYWORDS, WrongDatasetConfig, make_wrong_dataset, plan, wrong_prompts
 
@@ -75,6 +76,8 @@ def test_plan_is_prompt_major_with_seed_plus_index(tmp_path):
     (["--guidance-scales", "8,8"], "repeats"), (["--guidance-scales", "8,200"], "guidance_scale"),
     (["--width", "60"], "multiple of 8"), (["--height", "0"], "multiple of 8"), (["--steps", "0"], "steps"),
     (["--seed", "-1"], "--seed"), (["--high-noise-frac", "1"], "high_noise_frac"), (["--base", ""], "--base"),
+    (["--degrade", "sharpen"], "unknown corruption 'sharpen'; choose from blur,jpeg,noise,colour-shift,cutout"),
+    (["--degrade", ""], "empty item"), (["--degrade", "blur,blur"], "repeats"),
 ])
 def test_bad_options_are_refused_before_anything_is_made(tmp_path, argv, message):
     out = tmp_path / "ds"
@@ -182,3 +185,42 @@ def test_main_with_argparse_on_tiny(tmp_path, capsys):
     assert [(r["file"], r["seed"], r["guidance"]) for r in rows] == [("wrong-0000-g8.png", 3, 8.0),
                                                                       ("wrong-0001-g13.png", 4, 13.0)]
     assert json.loads((out / wd.DATASET_FILE).read_text())["config"]["base"] == "tiny"
+
+
+OLD_LINE_KEYS = {"file", "file_name", "caption", "index", "prompt", "keyword", "guidance", "seed", "width", "height",
+                 "steps", "high_noise_frac", "base", "refiner", "vae"}
+
+
+def test_degrade_parses_from_the_cli_and_corrupts_each_image_reproducibly(tmp_path, tiny_pipes, config):
+    plain = replace(config, count=2, out=str(tmp_path / "plain"))
+    args = parse(["--base", "tiny", "--refiner", "tiny", "--out", str(tmp_path / "bad"), "--count", "2",
+                  "--width", "64", "--height", "64", "--steps", "6", "--degrade", "noise, cutout,blur"])
+    bad = wd.config_from_args(args)
+    assert bad == replace(plain, out=str(tmp_path / "bad"), degrade=("noise", "cutout", "blur"))  # order as given
+    assert wd.config_from_args(parse(["--base", "tiny", "--out", "o"])).degrade == ()
+    make(plain, tiny_pipes)
+    make(bad, tiny_pipes)
+    plain_dir, bad_dir = wd.Path(plain.out), wd.Path(bad.out)
+
+    # the default run is as before the option existed: no degrade key anywhere, the same metadata keys
+    assert "degrade" not in json.loads((plain_dir / wd.DATASET_FILE).read_text())["config"]
+    assert all(set(r) == OLD_LINE_KEYS for r in lines(plain_dir))
+    # the degraded run records its list, and each image is exactly the plain image through degrade(seed + index)
+    assert json.loads((bad_dir / wd.DATASET_FILE).read_text())["config"]["degrade"] == ["noise", "cutout", "blur"]
+    for row, item in zip(lines(bad_dir), plan(bad)):
+        assert row["degrade"] == ["noise", "cutout", "blur"] and set(row) == OLD_LINE_KEYS | {"degrade"}
+        with Image.open(plain_dir / item.file) as clean, Image.open(bad_dir / item.file) as dirty:
+            assert dirty.size == clean.size == (64, 64) and dirty.mode == "RGB"
+            assert not np.array_equal(np.asarray(dirty), np.asarray(clean))
+            assert dirty.tobytes() == degrade_image(clean, bad.degrade, item.seed).tobytes()
+
+    # a resumed image is the same bytes; another --degrade (or none) in the same folder is refused
+    first = bad_dir / plan(bad)[0].file
+    before = first.read_bytes()
+    first.unlink()
+    assert make(bad, tiny_pipes)["written"] == 1 and first.read_bytes() == before
+    for other in (("noise", "cutout"), ("cutout", "noise", "blur"), ()):
+        with pytest.raises(InvalidConfigError, match="degrade.*another --out"):
+            make(replace(bad, degrade=other), tiny_pipes)
+    with pytest.raises(InvalidConfigError, match="degrade.*another --out"):
+        make(replace(plain, degrade=("jpeg",)), tiny_pipes)
