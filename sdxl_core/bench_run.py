@@ -197,12 +197,14 @@ class BenchRun:
         scored = score_sets([ImageSet(g, tuple(groups[g])) for g in order if g in groups], config)
         by_key = {(group_name(r["variant"], r["lora"]), (r["prompt_index"], r["seed"])): r for r in doc["cases"]}
         for group, values in scored["sets"].items():
-            for item in values.get("clip", {}).get("per_image", []):
-                by_key[(group, tuple(item["key"]))]["metrics"]["clip"] = item["value"]
+            for metric in ("clip", "oracle_accuracy"):  # per-image values are kept per case instead
+                for item in values.get(metric, {}).pop("per_image", []):
+                    by_key[(group, tuple(item["key"]))]["metrics"][metric] = item["value"]
             for item in values.get("sanity", {}).get("flagged", []):
                 by_key[(group, tuple(item["key"]))]["metrics"]["sanity"] = item["flags"]
-            values.get("clip", {}).pop("per_image", None)  # kept per case instead
         doc.update(metrics=scored["metrics"], sets=scored["sets"], comparisons=scored["comparisons"])
+        if scored.get("meta_evaluation") is not None:  # toy-world prompts: which metric agrees with the oracle
+            doc["meta_evaluation"] = scored["meta_evaluation"]
         doc["warnings"] += scored["warnings"]
 
 

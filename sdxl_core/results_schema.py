@@ -20,15 +20,43 @@ Schema version 1::
       "latency": [{"case": id, "median_s", "rounds", "stage_seconds", "images_per_second"}],  # when timed
       "warnings": [str],
       "timing": {"generation_s", "diffusers_s", "harness_overhead", "scoring_s"},  # this session's images
-      "prompts": [{"index", "prompt", "warnings", "n_tokens", "max_tokens", "truncated", ...}]  # optional
+      "prompts": [{"index", "prompt", "warnings", "n_tokens", "max_tokens", "truncated", ...}],  # optional
+      "meta_evaluation": MetaEvaluation                    # optional: toy-world prompts only
     }
 
     CaseRow = {"id", "variant", "lora", "prompt_index", "prompt", "seed", "negative_prompt",
                "status": "ok" | "error", "message": str or null, "image": relative path or null,
-               "seconds": float or null, "stage_seconds": {stage: s}, "metrics": {"clip": float, "sanity": [flags]}}
+               "seconds": float or null, "stage_seconds": {stage: s},
+               "metrics": {"clip": float, "oracle_accuracy": 1.0 | 0.0, "sanity": [flags]}}
 
 A *group* is a variant with its LoRA version (``wrong_lora[wrong@v1]``), the unit that metrics and comparisons
 are about. :func:`check_document` validates a document against this description.
+
+Toy world (every prompt a caption of :mod:`sdxl_core.toy.world`; these fields are absent otherwise, and in
+documents written before they existed, which stay readable: they are additions, so the version stays 1):
+
+* ``metrics["oracle_accuracy"]``: its MetricInfo (``higher_is_better``, unit ``fraction``, label ``toy world``).
+* ``cases[i]["metrics"]["oracle_accuracy"]``: 1.0 when the exact oracle judges the image correct for its prompt,
+  else 0.0 (sanity-flagged images have none).
+* ``sets[group]["oracle_accuracy"] = {"value": mean of the above or null, "n", "n_correct",
+  "per_check": {"background"|"colour"|"count"|"shape"|"size"|"position": pass rate or null}}``.
+* ``comparisons``: one ``oracle_accuracy`` entry per group against baseline (paired bootstrap, as CLIP).
+* ``meta_evaluation`` (:func:`sdxl_core.meta_eval.meta_evaluate`; definitions there)::
+
+    {"oracle": "oracle_accuracy", "confidence": 0.95, "n_resamples": int, "seed": int,
+     "definitions": {term: text},
+     "per_image": [{"metric", "display_name", "higher_is_better", "n", "n_correct", "n_incorrect",
+                    "auc", "auc_ci_low", "auc_ci_high", "spearman", "spearman_ci_low", "spearman_ci_high",
+                    "n_resamples", "n_undefined_resamples", "verdict", "summary"}],
+     "ordering": [{"metric", "display_name", "kind": "set" | "per_image mean", "higher_is_better", "sets",
+                   "oracle_values", "metric_values", "kendall_tau", "n_pairs", "pairs_agree", "pairs_disagree",
+                   "pairs_tied", "decided_agree", "decided_disagree",
+                   "pairs": [{"a", "b", "oracle_delta", "metric_delta", "order", "oracle_significant",
+                              "metric_significant", "decided"}], "verdict", "summary"}],
+     "skipped": [{"metric", "display_name", "test", "reason"}]}
+
+  ``verdict`` is ``"agrees with the oracle"``, ``"no evidence"`` or ``"disagrees with the oracle"``; statistics
+  that are undefined (e.g. AUC when every image is correct) are null.
 """
 
 from __future__ import annotations
@@ -42,6 +70,8 @@ RESULTS_FILE = "results.json"
 IMAGES_LOG = "images.jsonl"
 TOP_KEYS = ("schema_version", "run_id", "created_at", "finished_at", "git", "machine", "config", "loras", "metrics",
             "cases", "sets", "comparisons", "latency", "warnings")
+#: The lists an (optional) ``meta_evaluation`` holds.
+META_EVALUATION_LISTS = ("per_image", "ordering", "skipped")
 CASE_KEYS = ("id", "variant", "lora", "prompt_index", "prompt", "seed", "negative_prompt", "status", "message",
              "image", "seconds", "stage_seconds", "metrics")
 
@@ -68,4 +98,9 @@ def check_document(doc: Any, where: str = "results.json") -> dict[str, Any]:
             raise InvalidConfigError(f"{where}: case {i} lacks {', '.join(lacking)}")
         if case["status"] not in ("ok", "error"):
             raise InvalidConfigError(f"{where}: case {case['id']} has status {case['status']!r}")
+    meta = doc.get("meta_evaluation")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(meta.get(k), list)
+                                                                for k in META_EVALUATION_LISTS)):
+        raise InvalidConfigError(f"{where}: meta_evaluation must be an object with the lists "
+                                 f"{', '.join(META_EVALUATION_LISTS)} (or absent)")
     return doc

@@ -6,12 +6,18 @@ shared pairs, set metrics (FID, KID, CMMD) against ``--reference`` real images b
 images. Without a reference set, set metrics measure each variant's shift from ``baseline`` and carry that
 label; there is then no better/worse verdict. Images the sanity check flags (NaN, black, constant) are left
 out of every other metric and counted, never averaged in.
+
+Toy world (:mod:`sdxl_core.toy`): when every prompt is a toy-world caption, ``oracle_accuracy`` judges each
+image against its prompt with the exact oracle (1 correct, 0 not; a set's value is the mean, its per-check
+accuracies are kept) and is compared with ``baseline`` like CLIP score. It is in the default metric set only
+for such prompts (:func:`resolve_metrics`); asked for on other prompts it is an error. With it, the document
+gains ``meta_evaluation``: how far every other metric agrees with the oracle (:mod:`sdxl_core.meta_eval`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,8 +29,9 @@ from sdxl_core.score_inputs import ImageSet, collect_sets, load_images
 SCHEMA = "sdxl-bench score v1"
 # Scoring runs in one process (the main one of a distributed run, after the others finished), so metrics never
 # synchronise state across processes: sync_on_compute=False.
-from sdxl_core.score_args import METRICS
+from sdxl_core.score_args import DEFAULT_METRICS, METRICS
 BASELINE = "baseline"
+ORACLE = "oracle_accuracy"
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ class ScoreConfig:
     fake: str
     reference: str | None = None
     prompts: str | None = None
-    metrics: tuple[str, ...] = METRICS
+    # None: DEFAULT_METRICS, plus oracle_accuracy when every prompt is a toy-world caption (resolve_metrics)
+    metrics: tuple[str, ...] | None = None
     features: str = "inception"
     feature_weights: str | None = None
     clip_model: str = "ViT-L-14"
@@ -47,9 +55,10 @@ class ScoreConfig:
     cache_dir: str | None = None
 
     def check(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown or not self.metrics:
-            raise InvalidConfigError(f"--metrics {','.join(self.metrics)!r}: choose from {', '.join(METRICS)}")
+        if self.metrics is not None:
+            unknown = [m for m in self.metrics if m not in METRICS]
+            if unknown or not self.metrics:
+                raise InvalidConfigError(f"--metrics {','.join(self.metrics)!r}: choose from {', '.join(METRICS)}")
         from sdxl_core.metrics.features import FEATURE_NETWORKS
 
         if self.features not in FEATURE_NETWORKS:
@@ -60,6 +69,39 @@ class ScoreConfig:
 
 def parse_metrics(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def resolve_metrics(metrics: tuple[str, ...] | None, prompts: list[str | None]) -> tuple[str, ...]:
+    """The metrics to compute: ``metrics`` as given, or by default :data:`DEFAULT_METRICS` plus
+    ``oracle_accuracy`` when every prompt is a toy-world caption
+    (:func:`sdxl_core.toy.oracle.is_toy_prompt_set`)."""
+    if metrics is not None:
+        return tuple(metrics)
+    from sdxl_core.toy.oracle import is_toy_prompt_set
+
+    return DEFAULT_METRICS + ((ORACLE,) if is_toy_prompt_set(prompts) else ())
+
+
+def _check_oracle_prompts(sets: list[ImageSet]) -> None:
+    """Every image of ``sets`` has a prompt in the toy-world grammar, or an error naming the first that has not."""
+    from sdxl_core.toy.oracle import toy_caption
+
+    checked: set[str] = set()
+    for s in sets:
+        for im in s.images:
+            if im.prompt is None:
+                raise InvalidConfigError(f"oracle_accuracy needs the toy-world caption of every image; "
+                                         f"{im.path.name} has no prompt: give --prompts FILE or a metadata.jsonl "
+                                         f"with file and prompt, or drop oracle_accuracy from --metrics")
+            if im.prompt in checked:
+                continue
+            try:
+                toy_caption(im.prompt)
+            except InvalidConfigError as exc:
+                raise InvalidConfigError(
+                    f"oracle_accuracy applies only to toy-world prompts; prompt {im.prompt!r} (image "
+                    f"{im.path.name}) is not one ({exc}): drop oracle_accuracy from --metrics") from None
+            checked.add(im.prompt)
 
 
 def fid_of_features(real: np.ndarray, fake: np.ndarray) -> float:
@@ -141,6 +183,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     config.check()
     t0 = time.perf_counter()
     sets = collect_sets(config.fake, config.prompts)
+    config = replace(config, metrics=resolve_metrics(config.metrics, [p for s in sets for p in s.prompts]))
     doc: dict[str, Any] = {"schema": SCHEMA, "config": _config_dict(config)}
     doc.update(score_sets(sets, config))
     doc["seconds"] = round(time.perf_counter() - t0, 3)
@@ -149,10 +192,14 @@ def score(config: ScoreConfig) -> dict[str, Any]:
 
 def score_sets(sets: list[ImageSet], config: ScoreConfig) -> dict[str, Any]:
     """``metrics`` (their MetricInfo), ``sets`` (values per set), ``comparisons`` (each set against
-    ``baseline``) and ``warnings`` for ``sets``; shared by ``sdxl-bench score`` and the bench run store."""
+    ``baseline``) and ``warnings`` for ``sets``, plus ``meta_evaluation`` with ``oracle_accuracy``; shared by
+    ``sdxl-bench score`` and the bench run store."""
     config.check()
+    config = replace(config, metrics=resolve_metrics(config.metrics, [p for s in sets for p in s.prompts]))
     if config.reference is not None and not Path(config.reference).expanduser().is_dir():
         raise InvalidConfigError(f"--reference {config.reference!r} is not a folder of real images")
+    if ORACLE in config.metrics:
+        _check_oracle_prompts(sets)
     if "clip" in config.metrics:
         missing = [im.path.name for s in sets for im in s.images if not im.prompt]
         if missing:
@@ -163,9 +210,15 @@ def score_sets(sets: list[ImageSet], config: ScoreConfig) -> dict[str, Any]:
     kept = _sanity(sets, doc)
     if "clip" in config.metrics:
         _clip_scores(scorer, kept, doc)
+    if ORACLE in config.metrics:
+        _oracle_scores(scorer, kept, doc)
     for name in ("fid", "kid", "cmmd"):
         if name in config.metrics:
             _set_metric(scorer, name, kept, doc)
+    if ORACLE in config.metrics:
+        from sdxl_core.meta_eval import meta_evaluate
+
+        doc["meta_evaluation"] = meta_evaluate(doc, n_resamples=max(config.resamples, 1000), seed=config.seed)
     return doc
 
 
@@ -196,7 +249,6 @@ def _sanity(sets: list[ImageSet], doc: dict[str, Any]) -> list[ImageSet]:
 
 def _clip_scores(scorer: _Scorer, sets: list[ImageSet], doc: dict[str, Any]) -> None:
     from sdxl_core.metrics.clip import ClipScore
-    from sdxl_core.stats import paired_difference
 
     per_set: dict[str, dict[tuple[Any, ...], float]] = {}
     for s in sets:
@@ -211,6 +263,15 @@ def _clip_scores(scorer: _Scorer, sets: list[ImageSet], doc: dict[str, Any]) -> 
                                        "per_image": [{"key": list(im.key), "value": v}
                                                      for im, v in zip(s.images, values)],
                                        "truncated": out.get("truncated", []), "smoke": bool(out.get("smoke"))}
+    _compare_with_baseline(scorer, "clip", per_set, doc)
+
+
+def _compare_with_baseline(scorer: _Scorer, metric: str, per_set: dict[str, dict[tuple[Any, ...], float]],
+                           doc: dict[str, Any], *, higher_is_better: bool = True) -> None:
+    """Each set against ``baseline`` on a per-image metric: a paired bootstrap over the (prompt, seed) keys
+    both share (:func:`sdxl_core.stats.paired_difference`), appended to ``doc["comparisons"]``."""
+    from sdxl_core.stats import paired_difference
+
     base = per_set.get(BASELINE)
     if base is None:
         return
@@ -219,12 +280,37 @@ def _clip_scores(scorer: _Scorer, sets: list[ImageSet], doc: dict[str, Any]) -> 
             continue
         shared = sorted(set(base) & set(values))
         if len(shared) < 2:
-            doc["warnings"].append(f"clip: {name} shares {len(shared)} images with baseline; no comparison")
+            doc["warnings"].append(f"{metric}: {name} shares {len(shared)} images with baseline; no comparison")
             continue
-        comp = paired_difference([base[k] for k in shared], [values[k] for k in shared], higher_is_better=True,
-                                 n_resamples=max(scorer.c.resamples, 1000), seed=scorer.c.seed, metric="clip",
-                                 reference=BASELINE, candidate=name, p_value_test="none")
+        comp = paired_difference([base[k] for k in shared], [values[k] for k in shared],
+                                 higher_is_better=higher_is_better, n_resamples=max(scorer.c.resamples, 1000),
+                                 seed=scorer.c.seed, metric=metric, reference=BASELINE, candidate=name,
+                                 p_value_test="none")
         doc["comparisons"].append(comp.as_dict())
+
+
+def _oracle_scores(scorer: _Scorer, sets: list[ImageSet], doc: dict[str, Any]) -> None:
+    """``oracle_accuracy`` per set: per image 1.0 (the oracle judges it correct for its prompt) or 0.0, with its
+    per-check verdicts; the set's ``value`` is the mean, ``per_check`` each check's pass rate. Each set is
+    compared with ``baseline`` as CLIP score is. Prompts were checked by :func:`_check_oracle_prompts`."""
+    from sdxl_core.toy.oracle import CHECKS, OracleAccuracy, toy_caption
+
+    captions = {p: toy_caption(p) for p in dict.fromkeys(p for s in sets for p in s.prompts if p is not None)}
+    per_set: dict[str, dict[tuple[Any, ...], float]] = {}
+    for s in sets:
+        metric = OracleAccuracy(sync_on_compute=False)
+        doc["metrics"][ORACLE] = metric.info.as_dict()
+        entry: dict[str, Any] = {"value": None, "n": 0, "n_correct": 0, "per_check": {c: None for c in CHECKS},
+                                 "per_image": []}
+        if s.images:
+            metric.update(load_images(s), [captions[p] for p in s.prompts])
+            out = metric.compute()
+            entry.update(value=out["accuracy"], n=out["n"], n_correct=out["n_correct"], per_check=out["per_check"],
+                         per_image=[{"key": list(im.key), "value": 1.0 if r["correct"] else 0.0,
+                                     "checks": r["checks"]} for im, r in zip(s.images, out["per_image"])])
+        per_set[s.name] = {im.key: item["value"] for im, item in zip(s.images, entry["per_image"])}
+        doc["sets"][s.name][ORACLE] = entry
+    _compare_with_baseline(scorer, ORACLE, per_set, doc)
 
 
 def _set_metric(scorer: _Scorer, name: str, sets: list[ImageSet], doc: dict[str, Any]) -> None:
@@ -275,7 +361,7 @@ def main(args: Any) -> int:
     from sdxl_core.atomicio import write_json_atomic
 
     config = ScoreConfig(fake=args.fake, reference=args.reference, prompts=args.prompts,
-                         metrics=parse_metrics(args.metrics), features=args.features,
+                         metrics=None if args.metrics is None else parse_metrics(args.metrics), features=args.features,
                          feature_weights=args.feature_weights, clip_model=args.clip_model,
                          clip_pretrained=args.clip_pretrained, clip_smoke=args.clip_smoke,
                          clip_download=args.clip_pretrained is not None,
@@ -303,6 +389,9 @@ def render_summary(doc: dict[str, Any]) -> str:
     for c in doc["comparisons"]:
         lines.append(f"{c['metric']}: {c['candidate']} - {c['reference']} = {c['estimate']:.4g} "
                      f"[{c['ci_low']:.4g}, {c['ci_high']:.4g}] {c['verdict']}")
+    for row in (doc.get("meta_evaluation") or {}).get("per_image", []) + \
+            (doc.get("meta_evaluation") or {}).get("ordering", []):
+        lines.append(f"trust: {row['summary']}")
     set_warnings = [w for values in doc["sets"].values() for v in values.values() if isinstance(v, dict)
                     for w in v.get("warnings", [])]
     lines += [f"warning: {w}" for w in dict.fromkeys(doc["warnings"] + set_warnings)]

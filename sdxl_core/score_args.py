@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-METRICS = ("clip", "fid", "kid", "cmmd", "sanity")
+#: What ``sdxl-bench score`` computes when ``--metrics`` is not given (plus ``oracle_accuracy`` when every prompt
+#: is a toy-world caption: see :func:`sdxl_core.score.resolve_metrics`).
+DEFAULT_METRICS = ("clip", "fid", "kid", "cmmd", "sanity")
+#: Every metric ``--metrics`` accepts. ``oracle_accuracy`` (toy world only) judges each image against its prompt
+#: with the exact oracle of :mod:`sdxl_core.toy.oracle`.
+METRICS = DEFAULT_METRICS + ("oracle_accuracy",)
 
 
 def add_arguments(p: Any) -> None:
     p.add_argument("--fake", required=True, help="a run folder (variants compared with baseline) or an image folder")
     p.add_argument("--reference", default=None, help="folder of real images for FID/KID/CMMD")
     p.add_argument("--prompts", default=None, help="one prompt per image, in file-name order (plain folders)")
-    p.add_argument("--metrics", default="clip,fid,kid,cmmd,sanity", help="comma-separated: " + ",".join(METRICS))
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated: " + ",".join(METRICS) + " (default " + ",".join(DEFAULT_METRICS)
+                        + ", plus oracle_accuracy when every prompt is a toy-world caption)")
     p.add_argument("--features", default="inception", help="FID/KID features: inception or effnet-lite0 (offline)")
     p.add_argument("--feature-weights", default=None, help="weights file for the feature network")
     p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name")

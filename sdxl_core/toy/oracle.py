@@ -23,8 +23,9 @@ constants (its ``rgb2lab`` is the test's reference; scikit-image is only a dev d
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -211,6 +212,45 @@ def judge(image: Any, caption: str | CaptionParams) -> OracleResult:
     return OracleResult(**{k: bool(v) for k, v in ok.items()}, correct=all(ok.values()), details=details)
 
 
+# Text of letters, spaces and a final full stop has no compel syntax: parsed as it is, without compel's parser.
+_CAPTION_CHARS = re.compile(r"[a-z ]*\.?")
+
+
+def toy_caption(prompt: str) -> CaptionParams:
+    """What a generation prompt asks for in the toy-world grammar (:func:`~sdxl_core.toy.world.parse_caption`).
+
+    A prompt with compel weighting syntax (``"(a small red circle)++ on the left of a blue background"``) is
+    read as the plain text compel conditioned on (:func:`sdxl_core.metrics.clip.plain_prompt`). Raises
+    :class:`InvalidConfigError` for text outside the grammar (the stripped text's error)."""
+    if not isinstance(prompt, str):
+        raise InvalidConfigError(f"prompt {prompt!r} is not text; the oracle needs the caption each image was "
+                                 f"generated from")
+    plain_text = _CAPTION_CHARS.fullmatch(prompt.strip().lower()) is not None
+    if not plain_text:  # weighting syntax (or anything else): strip it as compel reads it, then parse
+        from sdxl_core.metrics.clip import plain_prompt
+
+        prompt = plain_prompt(prompt)
+    return parse_caption(prompt)
+
+
+
+def is_toy_prompt_set(prompts: Iterable[str | None]) -> bool:
+    """Whether every prompt is a toy-world caption (:func:`toy_caption`), so that ``oracle_accuracy`` applies;
+    False for an empty set or a missing prompt. Stops at the first prompt outside the grammar."""
+    seen: set[str] = set()
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            return False
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        try:
+            toy_caption(prompt)
+        except InvalidConfigError:  # the answer to the question asked: not a toy prompt
+            return False
+    return bool(seen)
+
+
 def _split(images: Any) -> list:
     if isinstance(images, Image.Image):
         return [images]
@@ -247,7 +287,7 @@ class OracleAccuracy(Metric):
     @property
     def info(self) -> MetricInfo:
         return MetricInfo(name="oracle_accuracy", display_name="Oracle accuracy", higher_is_better=True,
-                          kind="per_image", label="toy world",
+                          kind="per_image", unit="fraction", label="toy world",
                           description="fraction of toy-world images whose background, shape colour, count, "
                                       "shape, size and position match the caption (exact image-analysis oracle)")
 
