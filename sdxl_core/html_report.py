@@ -45,7 +45,7 @@ td.error, tr.error td { background: #fde8e8; color: #b00020; } .meta { color: #6
 td.flagged { background: #fff3cd; outline: 3px solid #e0a800; outline-offset: -3px; } .warn { color: #8a5a00; }
 .label, .flag { display: inline-block; background: #fff3cd; color: #7a4d00; border: 1px solid #e0a800;
   border-radius: 3px; padding: 0 .3em; font-size: .8em; margin-left: .3em; } .flag { background: #e0a800; color: #000; }
-.better { color: #0a7d28; font-weight: bold; } .worse { color: #b00020; font-weight: bold; }
+.better, .agrees { color: #0a7d28; font-weight: bold; } .worse, .disagrees { color: #b00020; font-weight: bold; }
 .note { background: #fff8e1; padding: .4em .8em; border-left: 3px solid #f0b400; } figcaption { font-weight: bold; }
 svg.chart text { font-size: 12px; fill: #222; } svg.chart .axis { stroke: #888; } svg.chart rect.bar { fill: #6b8fc9; }
 svg.chart rect.better { fill: #3fa35b; } svg.chart rect.worse { fill: #d0505f; }
@@ -391,6 +391,92 @@ def _metrics_section(runs: list[Run]) -> str:
     return "\n".join(parts)
 
 
+_TRUST_CLASSES = {"agrees with the oracle": "agrees", "disagrees with the oracle": "disagrees"}
+
+
+def _trust_class(verdict: Any) -> str:
+    """``agrees`` / ``disagrees`` for a meta-evaluation verdict, else ``nsd`` (the CSS class of its cell)."""
+    return _TRUST_CLASSES.get(verdict, "nsd") if isinstance(verdict, str) else "nsd"
+
+
+def _interval(low: Any, high: Any) -> str:
+    return f"[{_num(low)}, {_num(high)}]" if _finite(low) and _finite(high) else "&mdash;"
+
+
+def _trust_section(runs: list[Run]) -> str:
+    """Toy-world runs only (a ``meta_evaluation`` in results.json, see :mod:`sdxl_core.meta_eval`): how far each
+    metric agrees with the exact oracle, image by image (AUC, Spearman, intervals) and on the order of the
+    variants (Kendall tau, pairs), each with its verdict and one sentence; then the oracle's per-check accuracy per
+    group. Omitted when no run has a meta-evaluation."""
+    evaluated = [(run, run.doc["meta_evaluation"]) for run in runs if isinstance(run.doc.get("meta_evaluation"), dict)]
+    if not evaluated:
+        return ""
+    multi = len(runs) > 1
+    run_th = ["run"] if multi else []
+    images: list[str] = []
+    order: list[str] = []
+    notes: list[str] = []
+    checks: list[tuple[Run, str, dict[str, Any]]] = []
+    definitions: dict[str, Any] = {}
+    for run, me in evaluated:
+        definitions.update(me.get("definitions") or {})
+        level = f'{me["confidence"] * 100:g} %' if _finite(me.get("confidence")) else "95 %"
+        for r in me.get("per_image") or []:
+            verdict = r.get("verdict")
+            auc_ci = _interval(r.get("auc_ci_low"), r.get("auc_ci_high"))
+            rho_ci = _interval(r.get("spearman_ci_low"), r.get("spearman_ci_high"))
+            count = f'{_e(r.get("n"))} ({_e(r.get("n_correct"))} correct)'
+            images.append(
+                f"<tr>{_run_cells(run, multi)}{_td(_metric_title(str(r.get('metric')), r))}"
+                f"{_td(_num(r.get('auc')), 'num')}{_td(auc_ci, 'num ci')}{_td(_num(r.get('spearman')), 'num')}"
+                f"{_td(rho_ci, 'num ci')}{_td(count, 'num')}"
+                f"{_td(_e(verdict), 'verdict ' + _trust_class(verdict))}{_td(_e(r.get('summary')))}</tr>")
+        for r in me.get("ordering") or []:
+            verdict = r.get("verdict")
+            ranked = sorted(zip(r.get("sets") or [], r.get("oracle_values") or [], r.get("metric_values") or []),
+                            key=lambda t: -t[1] if _finite(t[1]) else math.inf)
+            sets = "<br>".join(f"{_e(name)}: {_num(acc)} / {_num(val)}" for name, acc, val in ranked)
+            pairs = (f"{_e(r.get('pairs_agree'))} agree, {_e(r.get('pairs_disagree'))} reversed, "
+                     f"{_e(r.get('pairs_tied'))} tied of {_e(r.get('n_pairs'))}")
+            decided = f"{_e(r.get('decided_agree'))} agree, {_e(r.get('decided_disagree'))} reversed"
+            order.append(
+                f"<tr>{_run_cells(run, multi)}{_td(_metric_title(str(r.get('metric')), r))}{_td(_e(r.get('kind')))}"
+                f"{_td(sets)}{_td(_num(r.get('kendall_tau')), 'num')}{_td(pairs)}{_td(decided)}"
+                f"{_td(_e(verdict), 'verdict ' + _trust_class(verdict))}{_td(_e(r.get('summary')))}</tr>")
+        prefix = f"{_e(run.run_id)}: " if multi else ""
+        for sk in me.get("skipped") or []:
+            notes.append(f'<div class="meta">{prefix}{_e(sk.get("display_name") or sk.get("metric"))} '
+                         f'({_e(sk.get("test"))}): not evaluated, {_e(sk.get("reason"))}</div>')
+        notes.append(f'<div class="meta">{prefix}intervals at {_e(level)}, {_e(me.get("n_resamples"))} bootstrap '
+                     f'resamples, seed {_e(me.get("seed"))}</div>')
+        for group, per_metric in (run.doc.get("sets") or {}).items():
+            oracle = (per_metric or {}).get(me.get("oracle") or "oracle_accuracy")
+            if isinstance(oracle, dict):
+                checks.append((run, group, oracle))
+    names = list(dict.fromkeys(c for _, _, o in checks for c in (o.get("per_check") or {})))
+    check_rows = [f"<tr>{_run_cells(run, multi)}{_td(_e(group))}{_td(_num(o.get('value')), 'num')}"
+                  + "".join(_td(_num((o.get("per_check") or {}).get(c)), "num") for c in names)
+                  + f"{_td(_e(o.get('n')), 'num')}</tr>" for run, group, o in checks]
+    terms = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in definitions.items())
+    return "\n".join([
+        '<h2 id="trust">Which metric to trust (toy world)</h2>',
+        '<p class="note">Every prompt is a toy-world caption, so an exact oracle judges each image correct or not. '
+        "A metric worth trusting scores correct images above incorrect ones and orders the variants as the "
+        "oracle's accuracy does.</p>",
+        "<h3>Image by image</h3>",
+        _table("trust-images", run_th + ["metric", "AUC", "AUC interval", "Spearman", "Spearman interval", "images",
+                                         "verdict", "in plain words"], images, "no per-image metric to evaluate"),
+        "<h3>Order of the variants</h3>",
+        _table("trust-order", run_th + ["metric", "kind", "variant: oracle accuracy / metric", "Kendall tau",
+                                        "pairs", "decided pairs", "verdict", "in plain words"], order,
+               "no metric orders two or more variants"),
+        *notes,
+        "<h3>Oracle checks per group</h3>",
+        _table("oracle-checks", run_th + ["group", "accuracy", *(_e(c) for c in names), "n"], check_rows,
+               "no oracle values"),
+        f'<ul class="meta" id="trust-definitions">{terms}</ul>' if terms else ""])
+
+
 def _across_runs_section(runs: list[Run]) -> str:
     """With several runs: each later run against the first (``sdxl-bench compare``): per matched group and
     metric the change, its interval and verdict, e.g. a new LoRA version against the previous one."""
@@ -503,7 +589,8 @@ def render_report(run_dirs: list[Path], out: Path) -> Path:
     summary = [f"<tr>{_td(_e(run.run_id))}{_td(_e(run.doc['created_at']))}{_td(_commit(run.doc))}"
                + "".join(_td(str(n), "num") for n in _counts(run.doc)) + "</tr>" for run in runs]
     body = [_table("runs", ["run", "created", "commit", "cases ok", "errors", "flagged images"], summary),
-            _grid_section(runs, out), _metrics_section(runs), _across_runs_section(runs), _latency_section(runs),
+            _grid_section(runs, out), _metrics_section(runs), _trust_section(runs), _across_runs_section(runs),
+            _latency_section(runs),
             _provenance_section(runs)]
     return _write_page(out / INDEX_FILE, "sdxl-bench report: " + ", ".join(r.run_id for r in runs), body)
 

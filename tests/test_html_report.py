@@ -370,3 +370,74 @@ def test_report_in_headless_chromium(run, tmp_path):
         assert im.size == (1400, 2000)
         extrema = im.convert("L").getextrema()
     assert extrema[1] - extrema[0] > 100 and shot.stat().st_size > 20_000
+
+
+ORACLE = MetricInfo("oracle_accuracy", "Oracle accuracy", True, "per_image", unit="fraction", label="toy world")
+
+
+def add_meta_evaluation(folder, doc):
+    """Turn a make_run folder into a toy-world run: oracle values per case and group, and a meta-evaluation
+    computed by sdxl_core.meta_eval from synthetic per-image data (a metric display name with markup in it)."""
+    from sdxl_core.meta_eval import DEFINITIONS, image_agreement, order_agreement
+
+    groups = list(doc["sets"])
+    keys = [(pi, s) for pi in range(len(PROMPTS)) for s in SEEDS]
+    oracle = {g: {k: float((gi + k[0] + k[1]) % (gi + 2) != 0) for k in keys} for gi, g in enumerate(groups)}
+    clip = {g: {k: v + 0.3 * ((gi + k[0]) % 2) for k, v in oracle[g].items()} for gi, g in enumerate(groups)}
+    info = {"display_name": SCRIPT + " CLIP", "higher_is_better": True}
+    fid = {g: 10.0 - 5 * sum(oracle[g].values()) / len(keys) for g in groups}
+    per_image = image_agreement("clip_score", info, oracle, clip, n_resamples=1000, seed=0)
+    ordering = order_agreement("fid", FID.as_dict(), oracle, fid, n_resamples=1000, seed=0)
+    doc["metrics"]["oracle_accuracy"] = ORACLE.as_dict()
+    for g in groups:
+        acc = sum(oracle[g].values()) / len(keys)
+        doc["sets"][g]["oracle_accuracy"] = {"value": acc, "n": len(keys), "n_correct": int(acc * len(keys)),
+                                            "per_check": {"background": 1.0, "colour": acc, "count": None}}
+    doc["meta_evaluation"] = {"oracle": "oracle_accuracy", "confidence": 0.95, "n_resamples": 1000, "seed": 0,
+                              "definitions": DEFINITIONS, "per_image": [per_image.as_dict()],
+                              "ordering": [ordering.as_dict()],
+                              "skipped": [{"metric": "kid", "display_name": "KID <x>", "test": "order",
+                                           "reason": "measured as a shift from baseline"}]}
+    check_document(doc)
+    (folder / "results.json").write_text(json.dumps(doc, allow_nan=False), encoding="utf-8")
+    return doc
+
+
+def test_trust_section_renders_the_meta_evaluation(run, tmp_path):
+    folder, doc = run
+    doc = add_meta_evaluation(folder, doc)
+    path = render_report([folder], tmp_path / "out")
+    html = path.read_text(encoding="utf-8")
+    root = parse(path)
+    assert root.by_id("trust").text() == "Which metric to trust (toy world)"
+    me = doc["meta_evaluation"]
+    (img_row,) = list(next(root.by_id("trust-images").iter("tbody")).iter("tr"))
+    texts = [c.text() for c in img_row.children]
+    r = me["per_image"][0]
+    assert texts[0].startswith(SCRIPT + " CLIP") and texts[1] == f"{r['auc']:.4g}"
+    assert texts[2] == f"[{r['auc_ci_low']:.4g}, {r['auc_ci_high']:.4g}]" and texts[5].startswith(str(r["n"]))
+    assert texts[6] == r["verdict"] and texts[7] == r["summary"]
+    assert {"agrees with the oracle": "agrees", "disagrees with the oracle": "disagrees"}.get(
+        r["verdict"], "nsd") in img_row.children[6].classes()
+    (order_row,) = list(next(root.by_id("trust-order").iter("tbody")).iter("tr"))
+    o = me["ordering"][0]
+    assert order_row.children[0].text().startswith("FID") and order_row.children[6].text() == o["verdict"]
+    assert group_name(*WEIRD) in order_row.children[2].text() and order_row.children[3].text() == f"{o['kendall_tau']:.4g}"
+    checks = root.by_id("oracle-checks")
+    assert [th.text() for th in checks.iter("th")] == ["group", "accuracy", "background", "colour", "count", "n"]
+    rows = list(next(checks.iter("tbody")).iter("tr"))
+    assert [row.children[0].text() for row in rows] == list(doc["sets"])
+    assert rows[0].children[4].text() == "\u2014"  # a check without a value
+    assert "KID <x> (order): not evaluated" in root.by_id("trust").parent.text()
+    assert "Kendall tau-b" in root.by_id("trust-definitions").text()
+    # escaping and CSP conventions hold in the new section
+    assert SCRIPT not in html and "KID <x>" not in html and len(list(root.iter("script"))) == 1
+    assert not [n for n in root.iter() if any(a.startswith("on") for a in n.attrs)]
+
+
+def test_trust_section_is_omitted_without_an_oracle_and_bad_sections_are_refused(run, tmp_path):
+    folder, doc = run
+    root = parse(render_report([folder], tmp_path / "out"))
+    assert not [n for n in root.iter() if n.attrs.get("id") in ("trust", "trust-images", "oracle-checks")]
+    with pytest.raises(InvalidConfigError, match="meta_evaluation must be an object"):
+        check_document({**doc, "meta_evaluation": {"per_image": 3}})
