@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from sdxl_core.errors import InvalidConfigError
+from sdxl_core.stats import MIN_RESAMPLES
 
 ORACLE = "oracle_accuracy"
 AGREES = "agrees with the oracle"
@@ -405,6 +406,8 @@ def meta_evaluate(doc: Mapping[str, Any], *, n_resamples: int = 1000, seed: int 
         return None
     if not 0.0 < confidence < 1.0:
         raise InvalidConfigError(f"confidence={confidence!r}: pass a level strictly between 0 and 1, e.g. 0.95")
+    if n_resamples < MIN_RESAMPLES:
+        raise InvalidConfigError(f"n_resamples={n_resamples}: pass at least {MIN_RESAMPLES} for a 95% interval")
     oracle = _per_image(doc, ORACLE)
     out: dict[str, Any] = {"oracle": ORACLE, "confidence": confidence, "n_resamples": int(n_resamples),
                            "seed": int(seed), "definitions": dict(DEFINITIONS), "per_image": [], "ordering": [],
