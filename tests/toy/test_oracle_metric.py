@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sdxl_core.errors import InvalidConfigError
-from sdxl_core.score import ScoreConfig, resolve_metrics, score, score_sets
+from sdxl_core.score import ScoreConfig, resolve_metrics, score_sets
 from sdxl_core.score_args import DEFAULT_METRICS
 from sdxl_core.score_inputs import ImageSet, ScoredImage
 from sdxl_core.toy.oracle import CHECKS, is_toy_prompt_set, toy_caption
