@@ -38,10 +38,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdxl_core.atomicio import write_png_atomic
     from sdxl_core.generate import GenerationRequest, GenerationSettings, generate
     from sdxl_core.loading import load_pipelines
-    from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
+    from sdxl_core.presets import default_size
 
     out = _check_png_target(args.out)
-    size_default = TINY_DEFAULT_SIZE if args.base == TINY else 1024
+    size_default = default_size(args.base)
     settings = GenerationSettings(
         steps=args.steps, guidance_scale=args.guidance_scale, high_noise_frac=args.high_noise_frac,
         width=args.width or size_default, height=args.height or size_default, use_compel=not args.no_compel)
@@ -98,6 +98,8 @@ MODULE_COMMANDS = (
      "sdxl_core.compare", "sdxl_core.compare", "main"),
     ("report", "the HTML report of one or more bench runs, from their results.json",
      "sdxl_core.report_args", "sdxl_core.report_args", "main"),
+    ("train-toy", "train the toy world's VAE, base, refiner and CLIP from scratch on the CPU (make train-toy)",
+     "sdxl_core.toy.train_config", "sdxl_core.toy.train", "main"),
     ("run", "every prompt x seed x variant into reports/runs/<run_id>/ with report.html",
      "sdxl_core.run_args", "sdxl_core.run", "main_run"),
 )
@@ -126,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=13.0)
     p.add_argument("--high-noise-frac", type=float, default=0.8)
-    p.add_argument("--width", type=int, default=None, help="default 1024 (128 for tiny)")
-    p.add_argument("--height", type=int, default=None, help="default 1024 (128 for tiny)")
+    p.add_argument("--width", type=int, default=None, help="default 1024 (128 for tiny, 64 for toy)")
+    p.add_argument("--height", type=int, default=None, help="default 1024 (128 for tiny, 64 for toy)")
     p.add_argument("--lora", default=None, help="a LoRA for the base: NAME@VERSION=PATH, NAME=PATH or PATH")
     p.add_argument("--allow-pickle", action="store_true", help="also read LoRA pickle files (only trusted ones)")
     p.add_argument("--lora-scale", type=float, default=None, help="default 1 with --lora, else 0")

@@ -72,3 +72,17 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary; ``pad_token="!"`` gives SDXL's ``tokenizer_2``."""
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=MAX_LENGTH)
+
+
+def write_vocab_files(folder: str | Path) -> None:
+    """Store a saved CLIP tokenizer folder as the SDXL 1.0 repositories do: ``vocab.json`` + ``merges.txt``
+    instead of transformers' ``tokenizer.json`` (a third of the size). ``CLIPTokenizer.from_pretrained`` reads
+    either; the vocabulary is the real CLIP one (:func:`clip_vocab_and_merges`)."""
+    import json
+
+    folder = Path(folder)
+    vocab, merges = clip_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+    (folder / "tokenizer.json").unlink(missing_ok=True)
