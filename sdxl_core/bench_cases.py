@@ -16,8 +16,6 @@ from typing import Any
 from sdxl_core.bench_config import BenchConfig
 from sdxl_core.errors import InvalidConfigError
 
-TINY_STEPS, TINY_SIZE = 20, 128
-
 
 @dataclass(frozen=True)
 class BenchCase:
@@ -38,12 +36,17 @@ class BenchCase:
         return f"{self.variant}" + (f"[{self.lora}]" if self.lora else "") + f"-p{self.prompt_index}-s{self.seed}"
 
 
-def read_prompts(path: str | None) -> tuple[str, ...]:
+def read_prompts(path: str | None, base: str | None = None) -> tuple[str, ...]:
     """Prompts from a ``.txt`` (one a line), ``.jsonl`` (strings or objects with ``prompt``) or ``.yaml``
-    (a list, or a mapping with ``prompts``) file; None gives the built-in set."""
+    (a list, or a mapping with ``prompts``) file; None gives the built-in set (captions of held-out toy-world
+    scenes for the ``toy`` base, which the oracle can judge)."""
     from sdxl_core.prompts_default import DEFAULT_PROMPTS, read_prompts_file
 
     if path is None:
+        if base == "toy":
+            from sdxl_core.toy.world import bench_prompts
+
+            return bench_prompts()
         return DEFAULT_PROMPTS
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
@@ -100,7 +103,7 @@ def expand_cases(config: BenchConfig) -> list[BenchCase]:
     """Every case of the session, variant-major then LoRA version, prompt and seed (a stable order)."""
     from sdxl_core.variants import VARIANTS
 
-    prompts = read_prompts(config.prompts)
+    prompts = read_prompts(config.prompts, config.base)
     declared = {v.name: v for v in config.declared_variants}
     labels = lora_labels(config)
     cases = []
@@ -124,9 +127,10 @@ def expand_cases(config: BenchConfig) -> list[BenchCase]:
 def generation_settings(config: BenchConfig) -> Any:
     from sdxl_core.generate import GenerationSettings
 
-    tiny = config.base == "tiny"
-    size = config.size or (TINY_SIZE if tiny else 1024)
-    settings = GenerationSettings(steps=config.steps or (TINY_STEPS if tiny else 50),
+    from sdxl_core.presets import default_size, default_steps
+
+    size = config.size or default_size(config.base)
+    settings = GenerationSettings(steps=config.steps or default_steps(config.base),
                                   guidance_scale=config.guidance_scale, high_noise_frac=config.high_noise_frac,
                                   width=size, height=size)
     settings.check()
@@ -157,7 +161,7 @@ class CaseRunner:
 
         self.config = config
         self.settings = generation_settings(config)
-        refiner = config.refiner if config.refiner is not None else ("tiny" if config.base == "tiny" else None)
+        refiner = config.refiner if config.refiner is not None else (config.base if config.offline_default else None)
         device = device or _xdist_worker_device()
         self.pipes = load_pipelines(config.base, None if refiner == "none" else refiner, vae=config.vae,
                                     device=device, dtype=dtype)

@@ -65,13 +65,16 @@ class BenchConfig:
 
     @property
     def offline_default(self) -> bool:
-        """The embedded ``tiny`` models are the offline default: they score with offline metrics."""
-        return self.base == "tiny"
+        """The embedded presets (``tiny``, ``toy``) run offline: they score with offline metrics."""
+        return self.base in ("tiny", "toy")
 
     def clip_spec(self) -> tuple[str, str | None, bool]:
         """(open_clip model, pretrained tag or weights file, smoke). Default ``ViT-L-14:openai``; with the tiny
         base ``ViT-B-32:smoke`` (random CLIP, labelled smoke), since no CLIP weights ship offline."""
-        text = self.clip_model or ("ViT-B-32:smoke" if self.offline_default else "ViT-L-14:openai")
+        from sdxl_core.presets import preset_defaults
+
+        preset = preset_defaults(self.base)
+        text = self.clip_model or (preset.clip_model if preset else "ViT-L-14:openai")
         model, _, pretrained = text.partition(":")
         if pretrained == "smoke":
             return model, None, True
@@ -79,7 +82,10 @@ class BenchConfig:
 
     def feature_network(self) -> str:
         """FID/KID features: ``inception`` by default, ``effnet-lite0`` (offline) with the tiny base."""
-        return self.fid_features or ("effnet-lite0" if self.offline_default else "inception")
+        from sdxl_core.presets import preset_defaults
+
+        preset = preset_defaults(self.base)
+        return self.fid_features or (preset.fid_features if preset else "inception")
 
 
 OPTION_KEYS = tuple(f.name for f in fields(BenchConfig) if f.name != "declared_variants")

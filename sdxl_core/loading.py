@@ -92,7 +92,7 @@ def resolve_source(name: str, role: str, required: tuple[str, ...]) -> str:
     if not _HUB_ID.match(str(name)) or str(name).startswith((".", "/", "~")):
         raise ModelNotFoundError(
             f"{role} {name!r} is neither a folder nor a hub id (owner/name); check the path, or use a preset "
-            f"(tiny, sdxl-random)"
+            f"(tiny, toy, sdxl-random)"
         )
     if _offline() and not _in_hub_cache(str(name)):
         raise ModelNotFoundError(
@@ -124,7 +124,7 @@ def load_pipelines(
 ) -> Pipelines:
     """Load SDXL base (+ refiner) the way the reference notebooks do.
 
-    ``base``/``refiner`` are local diffusers folders or hub ids, or the presets ``tiny`` / ``sdxl-random``.
+    ``base``/``refiner`` are local diffusers folders or hub ids, or the presets ``tiny`` / ``toy`` / ``sdxl-random``.
     ``vae`` optionally overrides the VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``); the refiner shares the base's
     ``text_encoder_2`` and ``vae``. Every reference is checked before any weights are read.
     """
@@ -142,10 +142,11 @@ def load_pipelines(
         return _quiet(Pipelines(b, r, base, refiner, None))
     if refiner in presets.PRESETS and refiner != base:
         raise InvalidConfigError(f"--refiner {refiner} only pairs with --base {refiner}")
-    if base == presets.TINY:
-        tiny_base, tiny_refiner = presets.ensure_tiny()
-        base = str(tiny_base)
-        refiner = str(tiny_refiner) if refiner == presets.TINY else refiner
+    if base in presets.EMBEDDED:
+        preset = base
+        preset_base, preset_refiner = presets.ensure_tiny() if preset == presets.TINY else presets.toy_folders()
+        base = str(preset_base)
+        refiner = str(preset_refiner) if refiner == preset else refiner
 
     base_src = resolve_source(base, "base", _BASE_OWN)
     refiner_src = resolve_source(refiner, "refiner", _REFINER_OWN) if refiner is not None else None

@@ -3,6 +3,10 @@
 * ``tiny``: a small SDXL-architecture base + refiner with deterministic seeded weights and the real CLIP
   tokenizer. It is written once to a cache folder with ``save_pretrained`` and then loaded back through
   :func:`sdxl_core.loading.load_pipelines`, the same path as real checkpoints.
+* ``toy``: a small SDXL-architecture base + refiner, VAE and CLIP *trained* by the project on the procedural
+  toy world (:mod:`sdxl_core.toy`; ``make train-toy``), committed as diffusers folders in
+  ``sdxl_core/toy/weights`` and loaded through :func:`sdxl_core.loading.load_pipelines` like any checkpoint.
+  Its images can be judged exactly by the toy oracle, so its scores mean something offline.
 * ``sdxl-random``: the full SDXL 1.0 base and refiner architectures (the public configs in
   ``sdxl_core/configs/sdxl-1.0``) with random weights, built directly on the target device and dtype, for
   timing and FLOP counting without checkpoints.
@@ -26,12 +30,58 @@ import torch
 from torch import nn
 
 TINY = "tiny"
+TOY = "toy"
 SDXL_RANDOM = "sdxl-random"
-PRESETS = (TINY, SDXL_RANDOM)
+PRESETS = (TINY, TOY, SDXL_RANDOM)
+#: Presets that bring their own refiner and run offline with offline metrics.
+EMBEDDED = (TINY, TOY)
 TINY_SEED = 0
 TINY_DEFAULT_SIZE = 128
+TINY_DEFAULT_STEPS = 20
+TOY_DEFAULT_SIZE = 64
+TOY_DEFAULT_STEPS = 25
 # Bumped whenever the tiny configs or the way they are built change, so stale caches are not reused.
 TINY_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PresetDefaults:
+    """What a run on an embedded preset uses unless told otherwise."""
+
+    size: int
+    steps: int
+    clip_model: str  # MODEL:PRETRAINED as --sdxl-clip-model takes it ("smoke": a random CLIP)
+    fid_features: str
+
+
+def toy_weights_dir() -> Path:
+    """The committed toy weights: ``base/``, ``refiner/`` (diffusers folders), ``clip/`` and ``training.json``."""
+    from sdxl_core.toy.train_config import WEIGHTS_DIR
+
+    return WEIGHTS_DIR
+
+
+def preset_defaults(base: str | None) -> PresetDefaults | None:
+    """Defaults of an embedded preset (``tiny``, ``toy``); None for real checkpoints and ``sdxl-random``."""
+    if base == TINY:
+        return PresetDefaults(size=TINY_DEFAULT_SIZE, steps=TINY_DEFAULT_STEPS, clip_model="ViT-B-32:smoke",
+                              fid_features="effnet-lite0")
+    if base == TOY:
+        return PresetDefaults(size=TOY_DEFAULT_SIZE, steps=TOY_DEFAULT_STEPS,
+                              clip_model=f"toy-clip:{toy_weights_dir() / 'clip' / 'toy-clip.safetensors'}",
+                              fid_features="effnet-lite0")
+    return None
+
+
+def default_size(base: str | None) -> int:
+    """Image side when none is given: the preset's own, else SDXL's 1024."""
+    d = preset_defaults(base)
+    return d.size if d else 1024
+
+
+def default_steps(base: str | None) -> int:
+    d = preset_defaults(base)
+    return d.steps if d else 50
 
 
 def load_config(group: str, name: str) -> dict[str, Any]:
@@ -247,3 +297,20 @@ def ensure_tiny() -> tuple[Path, Path]:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final / "base", final / "refiner"
+
+
+# --------------------------------------------------------------------------------------------------
+# The toy preset: trained weights committed to the repository
+# --------------------------------------------------------------------------------------------------
+
+
+def toy_folders() -> tuple[Path, Path]:
+    """The committed toy base and refiner folders; a clear error when they are missing."""
+    from sdxl_core.errors import ModelNotFoundError
+
+    root = toy_weights_dir()
+    base, refiner = root / "base", root / "refiner"
+    if not (base / "model_index.json").is_file() or not (refiner / "model_index.json").is_file():
+        raise ModelNotFoundError(f"the toy preset's weights are missing from {root}; they are committed to the "
+                                 f"repository (check out sdxl_core/toy/weights) or rebuilt with `make train-toy`")
+    return base, refiner

@@ -32,7 +32,7 @@ from sdxl_core.atomicio import append_json_line, write_json_atomic, write_png_at
 from sdxl_core.errors import InvalidConfigError, SdxlBenchError
 from sdxl_core.generate import GenerationRequest, GenerationSettings, PromptEncoder, check_prompts, generate
 from sdxl_core.loading import default_device, load_pipelines, resolve_dtype
-from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
+from sdxl_core.presets import EMBEDDED, TINY, TINY_DEFAULT_SIZE, TINY_DEFAULT_STEPS, default_size, default_steps
 from sdxl_core.run_args import DEFAULT_RUN_DIR
 from sdxl_core.prompts_default import DEFAULT_PROMPTS, read_prompts_file
 from sdxl_core.report import CONFIG_FILE, RESULTS_FILE, latest_results, load_config, render_report
@@ -40,7 +40,6 @@ from sdxl_core.variants import (DEFAULT_WITH_LORA, DEFAULT_WITHOUT_LORA, Variant
                                 parse_variant_list)
 
 SCHEMA_VERSION = 1
-TINY_DEFAULT_STEPS = 20
 WARMUP_STEPS = 4
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_MESSAGE = 2000
@@ -188,11 +187,13 @@ def _check_models(config: RunConfig) -> None:
         if config.refiner not in (None, presets.SDXL_RANDOM) or config.vae is not None:
             raise InvalidConfigError("sdxl-random builds its own refiner and VAE; drop --refiner/--vae or use folders")
         return
-    if config.refiner == presets.TINY and config.base != presets.TINY:
-        raise InvalidConfigError("--refiner tiny only pairs with --base tiny")
-    if config.base != presets.TINY:
+    if config.refiner in presets.EMBEDDED and config.base != config.refiner:
+        raise InvalidConfigError(f"--refiner {config.refiner} only pairs with --base {config.refiner}")
+    if config.base == presets.TOY:
+        presets.toy_folders()
+    elif config.base != presets.TINY:
         loading.resolve_source(config.base, "base", ())
-    if config.refiner not in (None, presets.TINY):
+    if config.refiner not in (None, *presets.EMBEDDED):
         loading.resolve_source(config.refiner, "refiner", ())
     if config.vae is not None:
         if not isinstance(config.vae, str) or not config.vae.strip():
@@ -493,7 +494,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     base = args.base or TINY
     refiner = args.refiner
     if refiner is None:
-        refiner = TINY if base == TINY else None
+        refiner = base if base in EMBEDDED else None
     elif refiner.lower() == "none":
         refiner = None
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else DEFAULT_PROMPTS
@@ -502,8 +503,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise InvalidConfigError(
                 f"--num-prompts {args.num_prompts} is out of range; there are {len(prompts)} prompts")
         prompts = prompts[: args.num_prompts]
-    size = args.size if args.size is not None else (TINY_DEFAULT_SIZE if base == TINY else 1024)
-    steps = args.steps if args.steps is not None else (TINY_DEFAULT_STEPS if base == TINY else 50)
+    size = args.size if args.size is not None else default_size(base)
+    steps = args.steps if args.steps is not None else default_steps(base)
     settings = GenerationSettings(steps=steps, guidance_scale=args.guidance_scale, high_noise_frac=args.high_noise_frac,
                                   width=size, height=size, use_compel=not args.no_compel)
     return RunConfig(

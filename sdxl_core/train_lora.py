@@ -526,9 +526,9 @@ def _versions() -> dict[str, str]:
 
 
 def config_from_args(args: Any) -> TrainConfig:
-    from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
+    from sdxl_core.presets import default_size
 
-    resolution = args.resolution or (TINY_DEFAULT_SIZE if args.base == TINY else 1024)
+    resolution = args.resolution or default_size(args.base)
     return TrainConfig(
         base=args.base, data=args.data, out=args.out, instance_prompt=args.instance_prompt, resolution=resolution,
         train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -91,9 +91,9 @@ class WrongDatasetConfig:
 
     @property
     def size(self) -> tuple[int, int]:
-        from sdxl_core.presets import TINY, TINY_DEFAULT_SIZE
+        from sdxl_core.presets import default_size
 
-        default = TINY_DEFAULT_SIZE if self.base == TINY else 1024
+        default = default_size(self.base)
         return (default if self.width is None else self.width, default if self.height is None else self.height)
 
     @property

@@ -275,3 +275,14 @@ def write_dataset(folder: str | Path, n: int, seed: int, *, image_size: int = 64
                                                 "shapes": list(SHAPES), "colours": COLOURS, "sizes": list(SIZES),
                                                 "positions": list(POSITIONS)})
     return meta
+
+
+#: World seeds: 0 trains the toy models (sdxl_core.toy.train), 1 is their held-out evaluation, 2 gives the prompts
+#: of ``make bench`` on the ``toy`` preset.
+BENCH_PROMPT_SEED = 2
+BENCH_PROMPT_COUNT = 24
+
+
+def bench_prompts(n: int = BENCH_PROMPT_COUNT, seed: int = BENCH_PROMPT_SEED) -> tuple[str, ...]:
+    """The built-in prompts of the ``toy`` preset: captions of the first ``n`` scenes of a held-out world."""
+    return tuple(caption(sample_scene(seed, i)) for i in range(n))
