@@ -12,7 +12,9 @@ open_clip's own cache (``~/.cache/clip``) *before* open_clip is called, and a mi
 A local weights file (``.bin``/``.pt``/``.pth``/``.safetensors``) is passed as ``pretrained=PATH`` (or
 ``clip_weights=PATH``) and loaded by open_clip's own ``create_model_and_transforms(name, pretrained=PATH)``.
 OpenAI weights were trained with QuickGELU: the ``openai`` tag sets it; for an OpenAI weights *file* use the
-``-quickgelu`` model name (``ViT-L-14-quickgelu``) or ``quick_gelu=True``.
+``-quickgelu`` model name (``ViT-L-14-quickgelu``) or ``quick_gelu=True``. ``toy-clip`` is the toy world's
+small CLIP (:mod:`sdxl_core.toy.clip`; config in sdxl_core, registered with open_clip on first use, plain GELU):
+``ClipEmbedder("toy-clip", pretrained=sdxl_core.toy.clip.TOY_CLIP_WEIGHTS)``.
 
 Smoke mode (``smoke=True``, explicit opt-in) builds a randomly initialised, seeded model of the same
 architecture so the plumbing runs without any weights. Its values mean nothing: results carry
@@ -139,6 +141,10 @@ def _check_model_name(model_name: str) -> None:
         raise InvalidConfigError(f"CLIP model {model_name!r}: hf-hub:/local-dir: sources are not supported; pass a "
                                  f"built-in open_clip model name (e.g. {DEFAULT_CLIP_MODEL!r}) and a weights file "
                                  f"with clip_weights=FILE (sdxl-bench score --clip-pretrained FILE)")
+    if model_name == "toy-clip":  # the toy world's CLIP: its config ships with sdxl_core, not with open_clip
+        from sdxl_core.toy.clip import register_toy_clip
+
+        register_toy_clip()
     if open_clip.get_model_config(model_name) is None:
         import difflib
 
@@ -295,6 +301,9 @@ class ClipEmbedder:
         self.weights_file = source if source is not None and os.path.isfile(source) else None
         if quick_gelu is None:
             quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+        elif quick_gelu and model_name == "toy-clip":
+            raise InvalidConfigError("toy-clip was trained with plain GELU (its config says quick_gelu false); "
+                                     "drop quick_gelu=True, which would change every embedding")
         pre_kw = {}
         for key, arg in (("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
                          ("resize_mode", "image_resize_mode")):
