@@ -98,6 +98,8 @@ MODULE_COMMANDS = (
      "sdxl_core.compare", "sdxl_core.compare", "main"),
     ("report", "the HTML report of one or more bench runs, from their results.json",
      "sdxl_core.report_args", "sdxl_core.report_args", "main"),
+    ("toy-dataset", "rendered toy-world scenes with captions (training data, or a reference set for FID)",
+     "sdxl_core.toy.world", "sdxl_core.toy.world", "main"),
     ("train-toy", "train the toy world's VAE, base, refiner and CLIP from scratch on the CPU (make train-toy)",
      "sdxl_core.toy.train_config", "sdxl_core.toy.train", "main"),
     ("run", "every prompt x seed x variant into reports/runs/<run_id>/ with report.html",

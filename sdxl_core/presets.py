@@ -55,10 +55,12 @@ class PresetDefaults:
 
 
 def toy_weights_dir() -> Path:
-    """The committed toy weights: ``base/``, ``refiner/`` (diffusers folders), ``clip/`` and ``training.json``."""
+    """The toy weights: ``base/``, ``refiner/`` (diffusers folders), ``clip/`` and ``training.json``; the committed
+    ones in ``sdxl_core/toy/weights``, or ``$SDXL_BENCH_TOY_WEIGHTS`` (e.g. what ``train-toy --out DIR`` wrote)."""
     from sdxl_core.toy.train_config import WEIGHTS_DIR
 
-    return WEIGHTS_DIR
+    override = os.environ.get("SDXL_BENCH_TOY_WEIGHTS", "").strip()
+    return Path(override).expanduser() if override else WEIGHTS_DIR
 
 
 def preset_defaults(base: str | None) -> PresetDefaults | None:

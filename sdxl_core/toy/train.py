@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from sdxl_core.atomicio import write_json_atomic
+from sdxl_core.atomicio import write_json_atomic, write_text_atomic
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.presets import ArchitectureConfigs, build_components
 from sdxl_core.toy.train_config import ToyTrainConfig, config_from_args
@@ -436,7 +436,34 @@ def train_toy(config: ToyTrainConfig, log: Callable[[str], None] = print) -> dic
            "seconds_training": sum(float(r.get("seconds", 0.0)) for r in records.values()),
            "sizes_bytes": weights_size(out)}
     write_json_atomic(out / "training.json", doc)
+    write_text_atomic(out / "loss_curves.svg", loss_curves_svg(records))
     return doc
+
+
+def loss_curves_svg(records: dict[str, Any], width: int = 280, height: int = 160) -> str:
+    """One small panel per trained stage: its loss curve (``loss_curve`` pairs), log-scaled, as standalone SVG."""
+    panels = [(name, rec["loss_curve"]) for name, rec in records.items() if rec.get("loss_curve")]
+    clip_curve = records.get("clip", {}).get("result", {}).get("loss_curve")
+    if clip_curve:
+        panels.append(("clip", [[p["step"], p["loss"]] for p in clip_curve]))
+    pad = 28
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * max(1, len(panels))}" height="{height}" '
+             f'font-family="sans-serif" font-size="11">']
+    for k, (name, curve) in enumerate(panels):
+        xs = [float(p[0]) for p in curve]
+        ys = [math.log10(max(float(p[1]), 1e-8)) for p in curve]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        sx = (width - 2 * pad) / ((x1 - x0) or 1.0)
+        sy = (height - 2 * pad) / ((y1 - y0) or 1.0)
+        pts = " ".join(f"{k * width + pad + (x - x0) * sx:.1f},{height - pad - (y - y0) * sy:.1f}"
+                       for x, y in zip(xs, ys))
+        parts.append(f'<text x="{k * width + pad}" y="16">{name}: loss {10 ** y0:.3g} to {10 ** y1:.3g} (log), '
+                     f'{int(x1)} steps</text>')
+        parts.append(f'<rect x="{k * width + pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
+                     f'fill="none" stroke="#ccc"/>')
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="#2a6fdb" stroke-width="1.5"/>')
+    parts.append("</svg>\n")
+    return "\n".join(parts)
 
 
 @torch.no_grad()
@@ -488,6 +515,12 @@ def weights_size(out: Path) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------- CLI
 
 def main(args: Any) -> int:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()  # no per-load progress bars and dtype-cast warnings
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     doc = train_toy(config_from_args(args))
     ev = doc["evaluation"]
     single = ev["oracle"].get("single", {})

@@ -44,12 +44,16 @@ def test_every_stage_runs_and_is_recorded(mini_run):
         assert stage["seconds"] > 0 and stage["loss_curve"] and all(v == v for _, v in stage["loss_curve"])
     assert doc["stages"]["refiner"]["timesteps"] == [0, 200]
     assert json.loads((out / "training.json").read_text())["config"] == doc["config"]
+    import xml.etree.ElementTree as ET
+
+    svg = ET.parse(out / "loss_curves.svg").getroot()
+    assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 4  # vae, base, refiner, clip
     ev = doc["evaluation"]
     assert ev["prompts"] == 3 and set(ev["oracle"]) == {"single", "multi"}
     assert ev["oracle_real_images"]["single"]["correct"] == 1.0  # the oracle itself is exact on the world
     assert ev["toy_vs_heldout"]["fid"] >= 0 and ev["tiny_vs_heldout"]["fid"] >= 0
     assert doc["sizes_bytes"]["total"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file()
-                                              and f.name != "training.json")
+                                              and f.parent != out)
 
 
 def test_written_folders_load_through_the_real_path(mini_run):
