@@ -12,6 +12,8 @@ What is trained, in order (each stage a resumable step; see :func:`train_toy`):
    with the same compel path generation uses (:class:`sdxl_core.generate.PromptEncoder`). 10% of captions
    are dropped for classifier-free guidance, replaced by what the pipeline uses for "no negative prompt":
    zeros for the base (``force_zeros_for_empty_prompt``).
+   ``base_text`` then continues the base with ``text_encoder`` (CLIP-L, which only the base reads) trained
+   along: frozen random encoders leave the base unsure which colour word is the background's.
 3. ``refiner``: the refiner UNet (``text_encoder_2`` only, aesthetic-score time ids) on the low-noise end
    (timesteps below 200, the part ``denoising_start=0.8`` hands it). Dropped captions use the refiner's empty
    prompt embedding and the negative aesthetic score 2.5, as its unconditional branch at inference does.
@@ -184,19 +186,23 @@ def embed_captions(pipes: Any, captions: list[str], batch: int = 256, check: int
 
 def train_unet(config: ToyTrainConfig, role: str, unet: Any, latents: tuple[torch.Tensor, torch.Tensor],
                scaling_factor: float, caption_ids: torch.Tensor, text: dict[str, torch.Tensor],
-               log: Callable[[str], None]) -> dict:
-    """Stage 2/3: the base (``role="base"``, all timesteps) or refiner (``"refiner"``, t < 200) UNet."""
+               log: Callable[[str], None], text_encoder: Any = None, token_ids: torch.Tensor | None = None) -> dict:
+    """Stage 2/3: the base (``role="base"``, all timesteps) or refiner (``"refiner"``, t < 200) UNet.
+
+    ``role="base_text"`` continues the base with ``text_encoder`` (CLIP-L, which only the base reads) trained
+    along: its penultimate states for ``token_ids`` replace the frozen ones in the first features of the
+    prompt embedding, as compel and ``encode_prompt`` compute them."""
     from diffusers import DDPMScheduler
 
     from sdxl_core.train_lora import min_snr_weights
 
     scheduler = DDPMScheduler.from_config(TOY_CONFIGS.scheduler())
-    steps = config.base_steps if role == "base" else config.refiner_steps
-    max_t = scheduler.config.num_train_timesteps if role == "base" else REFINER_MAX_T
-    gen = torch.Generator().manual_seed(config.seed * 1000 + (2 if role == "base" else 3))
+    steps = {"base": config.base_steps, "base_text": config.base_text_steps, "refiner": config.refiner_steps}[role]
+    max_t = REFINER_MAX_T if role == "refiner" else scheduler.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(config.seed * 1000 + {"base": 2, "refiner": 3, "base_text": 4}[role])
     mean, std = latents
     bs = config.unet_batch
-    if role == "base":
+    if role in ("base", "base_text"):
         embeds_all, pooled_all = text["embeds"], text["pooled"]
         cond_ids = torch.tensor([IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE], dtype=torch.float32)
         uncond_ids = cond_ids
@@ -209,7 +215,13 @@ def train_unet(config: ToyTrainConfig, role: str, unet: Any, latents: tuple[torc
         uncond_ids = torch.tensor([IMAGE_SIZE, IMAGE_SIZE, 0, 0, NEGATIVE_AESTHETIC_SCORE], dtype=torch.float32)
         uncond_embeds, uncond_pooled = text["refiner_uncond_embeds"], text["refiner_uncond_pooled"]
     unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=1e-2)
+    groups = [{"params": list(unet.parameters()), "lr": config.unet_lr}]
+    params = list(unet.parameters())
+    if text_encoder is not None:
+        text_encoder.train().requires_grad_(True)
+        groups.append({"params": list(text_encoder.parameters()), "lr": config.text_lr})
+        params += list(text_encoder.parameters())
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, config.warmup_steps))
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
@@ -220,7 +232,11 @@ def train_unet(config: ToyTrainConfig, role: str, unet: Any, latents: tuple[torc
         noisy = scheduler.add_noise(x0, noise, t)
         drop = torch.rand(bs, generator=gen) < config.cond_dropout
         cid = caption_ids[idx]
-        embeds = torch.where(drop[:, None, None], uncond_embeds, embeds_all[cid])
+        cond = embeds_all[cid]
+        if text_encoder is not None:
+            own = text_encoder(token_ids[cid], output_hidden_states=True).hidden_states[-2]
+            cond = torch.cat([own, cond[..., own.shape[-1]:]], dim=-1)
+        embeds = torch.where(drop[:, None, None], uncond_embeds, cond)
         pooled = torch.where(drop[:, None], uncond_pooled, pooled_all[cid])
         time_ids = torch.where(drop[:, None], uncond_ids, cond_ids)
         pred = unet(noisy, t, embeds, added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled}).sample
@@ -228,7 +244,7 @@ def train_unet(config: ToyTrainConfig, role: str, unet: Any, latents: tuple[torc
         loss = (per * min_snr_weights(scheduler, t, config.snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(float(per.mean().detach()))
@@ -237,8 +253,10 @@ def train_unet(config: ToyTrainConfig, role: str, unet: Any, latents: tuple[torc
         if (step + 1) % 100 == 0:
             log(f"{role} step {step + 1}/{steps} mse {np.mean(losses[-100:]):.4f}")
     unet.eval().requires_grad_(False)
+    if text_encoder is not None:
+        text_encoder.eval().requires_grad_(False)
     return {"seconds": time.perf_counter() - t0, "loss_curve": _curve(losses), "final_loss": losses[-1],
-            "timesteps": [0, max_t]}
+            "timesteps": [0, max_t], "threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -340,6 +358,7 @@ _VAE_KEYS = _DATA_KEYS + ("vae_steps", "vae_batch", "vae_lr", "kl_weight")
 _UNET_KEYS = _VAE_KEYS + ("unet_batch", "unet_lr", "warmup_steps", "snr_gamma", "cond_dropout")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "vae": _VAE_KEYS, "base": _UNET_KEYS + ("base_steps",), "refiner": _UNET_KEYS + ("refiner_steps",),
+    "base_text": _UNET_KEYS + ("base_steps", "base_text_steps", "text_lr"),
     "clip": ("seed", "clip_steps")}
 
 
@@ -410,6 +429,7 @@ def train_toy(config: ToyTrainConfig, log: Callable[[str], None] = print) -> dic
         trained = UNet2DConditionModel.from_pretrained(work / role / "model").eval().requires_grad_(False)
         if role == "base":
             pipes.base.register_modules(unet=trained)
+            _base_text_stage(config, stage, pipes, latents, vae_rec["scaling_factor"], unique, caption_ids, text, log)
         else:
             pipes.refiner.register_modules(unet=trained)
     pipes.base.register_modules(vae=vae)
@@ -464,6 +484,34 @@ def loss_curves_svg(records: dict[str, Any], width: int = 280, height: int = 160
         parts.append(f'<polyline points="{pts}" fill="none" stroke="#2a6fdb" stroke-width="1.5"/>')
     parts.append("</svg>\n")
     return "\n".join(parts)
+
+
+def _base_text_stage(config: ToyTrainConfig, stage: Callable[..., dict[str, Any]], pipes: Any,
+                     latents: tuple[torch.Tensor, torch.Tensor], scaling_factor: float, unique: list[str],
+                     caption_ids: torch.Tensor, text: dict[str, torch.Tensor],
+                     log: Callable[[str], None]) -> None:
+    """Stage ``base_text``: the base UNet and ``text_encoder`` (CLIP-L, read by the base only) trained together,
+    so the base learns which colour word belongs to the shapes and which to the background; the refiner's
+    ``text_encoder_2`` stays as it was."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tok = pipes.base.tokenizer
+    token_ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+
+    def run(folder: Path) -> dict[str, Any]:
+        rec = train_unet(config, "base_text", pipes.base.unet, latents, scaling_factor, caption_ids, text, log,
+                         text_encoder=pipes.base.text_encoder, token_ids=token_ids)
+        pipes.base.unet.save_pretrained(folder / "model", safe_serialization=True)
+        pipes.base.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        return rec
+
+    stage("base_text", run)
+    folder = Path(config.work) / "base_text"
+    pipes.base.register_modules(
+        unet=UNet2DConditionModel.from_pretrained(folder / "model").eval().requires_grad_(False),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False))
 
 
 @torch.no_grad()

@@ -21,12 +21,14 @@ class ToyTrainConfig:
     world_seed: int = 0  # training scenes; evaluation uses eval_world_seed
     eval_world_seed: int = 1
     pool: int = 24000  # rendered training scenes (re-drawn deterministically on resume)
-    threads: int = 2
+    threads: int = 1  # 1: the committed weights were trained so, and other thread counts round differently
     vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     base_steps: int = 1600
+    base_text_steps: int = 1000  # the base continued with text_encoder (CLIP-L) trained along
+    text_lr: float = 5e-4
     refiner_steps: int = 600
     unet_batch: int = 64
     unet_lr: float = 5e-4
@@ -40,7 +42,8 @@ class ToyTrainConfig:
     eval_guidance: float = 5.0
 
     def check(self) -> None:
-        for name in ("pool", "threads", "vae_steps", "vae_batch", "base_steps", "refiner_steps", "unet_batch",
+        for name in ("pool", "threads", "vae_steps", "vae_batch", "base_steps", "base_text_steps", "refiner_steps",
+                     "unet_batch",
                      "eval_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -59,8 +62,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--work", default=d.work, help="stage outputs, for resuming (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: %(default)s)")
-    for name in ("pool", "vae_steps", "base_steps", "refiner_steps", "unet_batch", "eval_single", "eval_multi",
-                 "eval_steps"):
+    for name in ("pool", "vae_steps", "base_steps", "base_text_steps", "refiner_steps", "unet_batch", "eval_single",
+                 "eval_multi", "eval_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--clip-steps", type=int, default=None, help="toy CLIP steps (default: its module default)")
     p.add_argument("--eval-guidance", type=float, default=d.eval_guidance)

@@ -15,7 +15,7 @@ import torch
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.toy.train_config import ToyTrainConfig
 
-MINI = dict(pool=48, vae_steps=3, vae_batch=4, base_steps=3, refiner_steps=3, unet_batch=4, warmup_steps=1,
+MINI = dict(pool=48, vae_steps=3, vae_batch=4, base_steps=3, base_text_steps=2, refiner_steps=3, unet_batch=4, warmup_steps=1,
             clip_steps=2, eval_single=2, eval_multi=1, eval_steps=4, threads=1)
 
 
@@ -38,8 +38,8 @@ def mini_run(tmp_path_factory):
 def test_every_stage_runs_and_is_recorded(mini_run):
     config, doc, _ = mini_run
     out = Path(config.out)
-    assert set(doc["stages"]) == {"vae", "base", "refiner", "clip"}
-    for name in ("vae", "base", "refiner"):
+    assert set(doc["stages"]) == {"vae", "base", "base_text", "refiner", "clip"}
+    for name in ("vae", "base", "base_text", "refiner"):
         stage = doc["stages"][name]
         assert stage["seconds"] > 0 and stage["loss_curve"] and all(v == v for _, v in stage["loss_curve"])
     assert doc["stages"]["refiner"]["timesteps"] == [0, 200]
@@ -47,7 +47,7 @@ def test_every_stage_runs_and_is_recorded(mini_run):
     import xml.etree.ElementTree as ET
 
     svg = ET.parse(out / "loss_curves.svg").getroot()
-    assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 4  # vae, base, refiner, clip
+    assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 5  # vae, base, base_text, refiner, clip
     ev = doc["evaluation"]
     assert ev["prompts"] == 3 and set(ev["oracle"]) == {"single", "multi"}
     assert ev["oracle_real_images"]["single"]["correct"] == 1.0  # the oracle itself is exact on the world
@@ -86,7 +86,7 @@ def test_a_second_call_reuses_every_stage(mini_run):
     before = _digests(Path(config.work))
     logs: list[str] = []
     train_toy(replace(config, eval_single=2, eval_multi=0), log=logs.append)
-    assert sum("already trained" in line for line in logs) == 4
+    assert sum("already trained" in line for line in logs) == 5
     assert _digests(Path(config.work)) == before
 
 
