@@ -40,7 +40,7 @@ bench: venv
 # Retrains the toy world's VAE, base, refiner and CLIP from scratch (seeded, about 45 minutes on 2 cores) into
 # sdxl_core/toy/weights, with loss curves, provenance and the evaluation in training.json. Resumes by stage.
 train-toy: venv
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/sdxl-bench train-toy
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(VENV)/bin/sdxl-bench train-toy
 
 # Seconds per LoRA training step on the tiny model (64 and 128 px) next to a plain peft loop.
 bench-train: venv

@@ -127,11 +127,12 @@ def expand_cases(config: BenchConfig) -> list[BenchCase]:
 def generation_settings(config: BenchConfig) -> Any:
     from sdxl_core.generate import GenerationSettings
 
-    from sdxl_core.presets import default_size, default_steps
+    from sdxl_core.presets import default_guidance, default_size, default_steps
 
     size = config.size or default_size(config.base)
     settings = GenerationSettings(steps=config.steps or default_steps(config.base),
-                                  guidance_scale=config.guidance_scale, high_noise_frac=config.high_noise_frac,
+                                  guidance_scale=(config.guidance_scale if config.guidance_scale is not None
+                                                  else default_guidance(config.base)), high_noise_frac=config.high_noise_frac,
                                   width=size, height=size)
     settings.check()
     return settings

@@ -49,7 +49,7 @@ class BenchConfig:
     prompts: str | None = None  # txt, jsonl or yaml file; None: the built-in set
     seeds: tuple[int, ...] = (0, 1)
     steps: int | None = None
-    guidance_scale: float = 13.0
+    guidance_scale: float | None = None  # None: the preset's (5 for toy), else 13 as in the reference
     high_noise_frac: float = 0.8
     size: int | None = None
     variants: tuple[str, ...] | None = None
@@ -232,7 +232,7 @@ def _check(c: BenchConfig) -> None:
         raise InvalidConfigError(f"{option_name('size')} {c.size} must be a positive multiple of 8")
     if not 0 < c.high_noise_frac < 1:
         raise InvalidConfigError(f"{option_name('high_noise_frac')} must be between 0 and 1, got {c.high_noise_frac}")
-    if not 0 <= c.guidance_scale <= 100:  # the range GenerationSettings accepts
+    if c.guidance_scale is not None and not 0 <= c.guidance_scale <= 100:  # GenerationSettings' range
         raise InvalidConfigError(f"{option_name('guidance_scale')} {c.guidance_scale} is outside 0-100; SDXL is "
                                  f"usually run at 5-13 (values up to 1 turn classifier-free guidance off)")
     if c.run_id is not None:

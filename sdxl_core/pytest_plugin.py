@@ -22,7 +22,7 @@ HELP = {
     "prompts": "prompt file (txt, jsonl or yaml); default: the built-in set",
     "seeds": "comma-separated seeds (default 0,1)",
     "steps": "denoising steps, base + refiner (default 50; 20 for tiny)",
-    "guidance_scale": "classifier-free guidance scale (default 13)",
+    "guidance_scale": "classifier-free guidance scale (default 13; 5 for toy)",
     "high_noise_frac": "fraction of the steps on the base (default 0.8)",
     "size": "image width = height (default 1024; 128 for tiny)",
     "variants": "comma-separated variants: baseline, wrong_negative, wrong_lora and declared ones",

@@ -21,14 +21,15 @@ class ToyTrainConfig:
     world_seed: int = 0  # training scenes; evaluation uses eval_world_seed
     eval_world_seed: int = 1
     pool: int = 24000  # rendered training scenes (re-drawn deterministically on resume)
-    threads: int = 1  # 1: the committed weights were trained so, and other thread counts round differently
+    threads: int = 2  # each stage records the count it ran with: other counts round differently
     vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     base_steps: int = 1600
-    base_text_steps: int = 1000  # the base continued with text_encoder (CLIP-L) trained along
+    base_text_steps: int = 1500  # the base continued with text_encoder (CLIP-L) trained along
     text_lr: float = 5e-4
+    offset_noise: float = 0.1  # in base_text: noise + offset * N(0, 1) per (image, channel)
     refiner_steps: int = 600
     unet_batch: int = 64
     unet_lr: float = 5e-4
