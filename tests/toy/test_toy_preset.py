@@ -19,7 +19,7 @@ from sdxl_core.errors import ModelNotFoundError
 
 HELD_OUT_WORLD = 4
 N_SINGLE = 200
-N_SET = 120
+N_SET = 60
 
 
 @pytest.fixture(scope="module")
