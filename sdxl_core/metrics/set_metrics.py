@@ -332,6 +332,22 @@ def _rbf_sum(x: Tensor, y: Tensor, gamma: float, exclude_diagonal: bool, block: 
     return total
 
 
+def kid_all_pairs(real: Any, fake: Any, degree: int = 3, gamma: float | None = None, coef: float = 1.0) -> float:
+    """KID as one unbiased polynomial-kernel MMD^2 over all images, for sets of any two sizes (m real, n fake):
+    ``sum_{i!=j} k(x_i, x_j) / (m(m-1)) + sum_{i!=j} k(y_i, y_j) / (n(n-1)) - 2 sum k(x_i, y_j) / (mn)`` with
+    ``k(a, b) = (gamma a.b + coef)^degree``, ``gamma = 1/dim``: the estimator :class:`KID` averages over subsets,
+    computed once on everything (no subset sampling), so it is cheap enough to bootstrap. Equal to
+    :class:`KID` when both sets have the same size (one subset)."""
+    x, y = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    m, n = x.shape[0], y.shape[0]
+    if m < 2 or n < 2:
+        raise InvalidConfigError(f"KID needs at least 2 real and 2 fake images, got {m} real and {n} fake; add images")
+    g = 1.0 / x.shape[1] if gamma is None else gamma
+    kxx, kyy, kxy = ((g * x @ x.T + coef) ** degree, (g * y @ y.T + coef) ** degree, (g * x @ y.T + coef) ** degree)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2.0 * kxy.sum() / (m * n))
+
+
 def mmd_rbf(x: Any, y: Any, *, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE,
             estimator: Literal["unbiased", "biased"] = "unbiased", block: int = 1024) -> float:
     """``scale * MMD^2`` between the rows of ``x`` (m, D) and ``y`` (n, D), Gaussian RBF kernel, float64.

@@ -312,3 +312,21 @@ def test_effnet_fid_grows_with_blur_and_jpeg_loss():
     assert all(a < b for a, b in zip(blur, blur[1:])), blur
     assert all(a < b for a, b in zip(lossy, lossy[1:])), lossy
     assert blur[0] > 0.5 and lossy[0] > 0.5
+
+
+def test_kid_all_pairs_equals_kid_on_equal_sets_and_a_direct_sum_on_unequal_ones():
+    from sdxl_core.metrics.set_metrics import KID, kid_all_pairs
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(20, 8)), rng.normal(0.3, 1.0, size=(20, 8))
+    metric = KID(dim=8, subset_size=20, sync_on_compute=False)
+    metric.update_features(x, real=True)
+    metric.update_features(y, real=False)
+    assert kid_all_pairs(x, y) == pytest.approx(metric.compute().value, rel=1e-5)
+    y = y[:13]
+    k = lambda a, b: (a @ b / 8 + 1.0) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(a, b) for a in x for b in y) / (m * n)
+    assert kid_all_pairs(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
