@@ -37,7 +37,7 @@ bench: venv
 	    --sdxl-lora wrong@v1=$(TOY)/lora --sdxl-reference $(TOY)/reference --sdxl-run-id $(RUN_ID) $(BENCH_ARGS)
 	@echo reports/$(RUN_ID)/report/index.html
 
-# Retrains the toy world's VAE, base, refiner and CLIP from scratch (seeded, about 45 minutes on 2 cores) into
+# Retrains the toy world's VAE, base, refiner and CLIP from scratch (seeded; the committed run: 74 min on 2 shared cores) into
 # sdxl_core/toy/weights, with loss curves, provenance and the evaluation in training.json. Resumes by stage.
 train-toy: venv
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(VENV)/bin/sdxl-bench train-toy
