@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,17 @@ class MetricInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "lower_is_better": self.lower_is_better}
+
+
+def add_bitmask(bits: Sequence[bool], counts: Any) -> int:
+    """One image's yes/no answers (``bits[i]`` for name ``i``) as a bitmask int; adds them to ``counts``, the
+    per-name running totals (a float64 tensor state of ``len(bits)``)."""
+    mask = 0
+    for i, bit in enumerate(bits):
+        if bit:
+            mask |= 1 << i
+            counts[i] += 1
+    return mask
 
 
 def gathered_masks(state: Any) -> Any:

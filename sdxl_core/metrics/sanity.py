@@ -28,7 +28,7 @@ import torch
 from torchmetrics import Metric
 
 from sdxl_core.errors import InvalidConfigError
-from sdxl_core.metrics.meta import MetricInfo, gathered_masks
+from sdxl_core.metrics.meta import MetricInfo, add_bitmask, gathered_masks
 
 FLAGS: tuple[str, ...] = ("nan_pixels", "inf_pixels", "nan_latents", "inf_latents", "black", "constant")
 BLACK_MEAN_MAX = 2.0
@@ -204,12 +204,7 @@ class ImageSanity(Metric):
         masks = []
         for im, lat in zip(batch, lats):
             res = image_sanity(im, lat, float_range=self.float_range)
-            mask = 0
-            for i, name in enumerate(FLAGS):
-                if name in res.flags:
-                    mask |= 1 << i
-                    self.flag_counts[i] += 1
-            masks.append(mask)
+            masks.append(add_bitmask([name in res.flags for name in FLAGS], self.flag_counts))
         if masks:
             self.masks.append(torch.tensor(masks, dtype=torch.int64, device=self.n_images.device))
         self.n_images += len(masks)

@@ -34,7 +34,7 @@ from scipy import ndimage
 from torchmetrics import Metric
 
 from sdxl_core.errors import InvalidConfigError
-from sdxl_core.metrics.meta import MetricInfo, gathered_masks
+from sdxl_core.metrics.meta import MetricInfo, add_bitmask, gathered_masks
 from sdxl_core.toy.world import COLOURS, CaptionParams, parse_caption
 
 CHECKS: tuple[str, ...] = ("background", "colour", "count", "shape", "size", "position")
@@ -300,11 +300,7 @@ class OracleAccuracy(Metric):
         masks = []
         for im, cap in zip(batch, caps):
             res = judge(im, cap)
-            mask = 0
-            for i, name in enumerate(CHECKS):
-                if getattr(res, name):
-                    mask |= 1 << i
-                    self.check_passes[i] += 1
+            mask = add_bitmask([getattr(res, name) for name in CHECKS], self.check_passes)
             if res.correct:
                 self.n_correct += 1
             masks.append(mask)
