@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdxl_core.toy import train_config as toy_train_config
+
 TINY = "tiny"
 TOY = "toy"
 SDXL_RANDOM = "sdxl-random"
@@ -38,9 +40,8 @@ EMBEDDED = (TINY, TOY)
 TINY_SEED = 0
 TINY_DEFAULT_SIZE = 128
 TINY_DEFAULT_STEPS = 20
-TOY_DEFAULT_SIZE = 64
-TOY_DEFAULT_STEPS = 25
-TOY_DEFAULT_GUIDANCE = 5.0
+TOY_DEFAULT_SIZE, TOY_DEFAULT_STEPS, TOY_DEFAULT_GUIDANCE = toy_train_config.IMAGE_SIZE, toy_train_config.STEPS, \
+    toy_train_config.GUIDANCE
 DEFAULT_GUIDANCE = 13.0
 # Bumped whenever the tiny configs or the way they are built change, so stale caches are not reused.
 TINY_FORMAT_VERSION = 1
@@ -60,10 +61,8 @@ class PresetDefaults:
 def toy_weights_dir() -> Path:
     """The toy weights: ``base/``, ``refiner/`` (diffusers folders), ``clip/`` and ``training.json``; the committed
     ones in ``sdxl_core/toy/weights``, or ``$SDXL_BENCH_TOY_WEIGHTS`` (e.g. what ``train-toy --out DIR`` wrote)."""
-    from sdxl_core.toy.train_config import WEIGHTS_DIR
-
     override = os.environ.get("SDXL_BENCH_TOY_WEIGHTS", "").strip()
-    return Path(override).expanduser() if override else WEIGHTS_DIR
+    return Path(override).expanduser() if override else toy_train_config.WEIGHTS_DIR
 
 
 def preset_defaults(base: str | None) -> PresetDefaults | None:

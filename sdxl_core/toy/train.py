@@ -45,10 +45,9 @@ import torch
 from sdxl_core.atomicio import write_json_atomic, write_text_atomic
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.presets import ArchitectureConfigs, build_components
-from sdxl_core.toy.train_config import ToyTrainConfig, config_from_args
+from sdxl_core.toy.train_config import IMAGE_SIZE, ToyTrainConfig, config_from_args
 
 TOY_CONFIGS = ArchitectureConfigs("toy")
-IMAGE_SIZE = 64
 # What the pipelines use at inference (GenerationSettings with the toy defaults): time ids must match.
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5

@@ -9,6 +9,10 @@ from typing import Any
 from sdxl_core.errors import InvalidConfigError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: What the toy models are trained at and generate with by default (the ``toy`` preset's size, steps, guidance).
+IMAGE_SIZE = 64
+STEPS = 25
+GUIDANCE = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,8 @@ class ToyTrainConfig:
     clip_steps: int | None = None  # None: sdxl_core.toy.clip's default
     eval_single: int = 200  # held-out single-shape prompts (colour and background accuracy)
     eval_multi: int = 100  # held-out prompts with 2-3 shapes
-    eval_steps: int = 25
-    eval_guidance: float = 5.0
+    eval_steps: int = STEPS
+    eval_guidance: float = GUIDANCE
 
     def check(self) -> None:
         for name in ("pool", "threads", "vae_steps", "vae_batch", "base_steps", "base_text_steps", "refiner_steps",
