@@ -1,7 +1,8 @@
 """Optimisation levels for base + refiner generation, each a frozen, named recipe applied to loaded pipelines.
 
 The levels are cumulative, from ``eager`` (fp16, classic attention, fp32 VAE upcast: the reference code with
-diffusers' pre-PyTorch-2 attention) to ``max`` (everything, with ``torch.compile`` and CUDA graphs).
+diffusers' pre-PyTorch-2 attention) to ``max`` (everything, with ``torch.compile`` and CUDA graphs), then
+``fp8`` (``max`` with fp8 GEGLU projections, which changes the arithmetic and so is kept apart from ``max``).
 Each is checked against ``eager`` on the same seed by the speed suite.
 """
 
@@ -35,6 +36,7 @@ class OptimizationLevel:
     compile_text_encoders: bool = False
     share_text_embeddings: bool = False
     cudnn: bool = False
+    fp8_geglu: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -43,6 +45,9 @@ class OptimizationLevel:
             raise InvalidConfigError(f"level {self.name}: compile_mode must be one of {COMPILE_MODES}")
         if self.fused_qkv and not self.sdpa:
             raise InvalidConfigError(f"level {self.name}: fused QKV projections use SDPA; set sdpa=True")
+        if self.fp8_geglu and self.dtype != "bfloat16":
+            raise InvalidConfigError(f"level {self.name}: fp8 GEGLU projections write bf16 outputs (row-wise scaled "
+                                     f"fp8 GEMMs have no fp16 output); set dtype='bfloat16'")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -77,7 +82,11 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                    description="+ text encoders compiled, and the refiner reuses the base's text_encoder_2 "
                                "embeddings (bit-identical) instead of encoding the prompt again",
                    compile_text_encoders=True, share_text_embeddings=True)
-    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best)
+    fp8 = replace(best, name="fp8",
+                  description="+ fp8 (e4m3, row-wise scaled) GEGLU input projections in both UNets "
+                              "(torch._scaled_mm; CUDA compute capability 8.9+)",
+                  fp8_geglu=True)
+    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8)
 
 
 LEVELS: dict[str, OptimizationLevel] = {level.name: level for level in _levels()}
@@ -199,6 +208,11 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
     if level.fuse_lora and getattr(pipes.base, "get_list_adapters", None) and pipes.base.get_list_adapters():
         pipes.base.fuse_lora(components=["unet"], lora_scale=1.0)
         pipes.base.unload_lora_weights()
+    if level.fp8_geglu:
+        from sdxl_core.fp8 import check_fp8_device, convert_geglu_projections
+
+        check_fp8_device(pipes.device)
+        pipes.kernel_backends["fp8_geglu_layers"] = sum(convert_geglu_projections(u, level.torch_dtype) for u in unets)
     if level.compile_mode is not None:
         configure_inductor()
         mode = None if level.compile_mode == "default" else level.compile_mode

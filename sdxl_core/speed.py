@@ -31,7 +31,8 @@ from sdxl_core.loading import Pipelines
 from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
 from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 
-SCHEMA_VERSION = 1
+# 2: machine info as runs record it (library versions under "libraries"); 1: torch/diffusers/... at top level.
+SCHEMA_VERSION = 2
 DEFAULT_PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 # A level is "equivalent" to eager when its base latents are within LATENT_REL_TOL (relative L2) and its
 # image within IMAGE_PSNR_MIN dB of eager's, and everything is finite. Measured differences are recorded.
@@ -117,38 +118,12 @@ def _sync(device: torch.device) -> None:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """Card, driver and library versions for the result file."""
-    import diffusers
-    import transformers
+    """Date, card, driver and library versions for the result file (the same provenance runs record)."""
+    from sdxl_core.provenance import gpu_info, library_versions
 
-    info: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        import compel
-
-        info["compel"] = getattr(compel, "__version__", "unknown")
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    multiprocessors=props.multi_processor_count, cuda=torch.version.cuda)
-        try:
-            import subprocess
-
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError) as exc:
-            info["driver"] = f"unknown ({exc})"
-    return info
+    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "device": str(device), "cpu_count": os.cpu_count(),
+            "libraries": library_versions(), **gpu_info(device)}
 
 
 @dataclass
@@ -326,10 +301,12 @@ def render_table(payload: dict[str, Any]) -> str:
 
 
 def default_cases() -> list[SpeedCase]:
-    """Priority order for a time-boxed GPU run: the reference, the fast levels, compiled, then the rest."""
-    return [SpeedCase("eager"), SpeedCase("fused_qkv"), SpeedCase("max"), SpeedCase("sdpa"), SpeedCase("cudnn"),
-            SpeedCase("vae_no_upcast"), SpeedCase("bf16"), SpeedCase("channels_last"), SpeedCase("compile"),
-            SpeedCase("cudagraphs"),
+    """Priority order for a time-boxed GPU run: the reference, the fast levels, compiled, then the rest.
+
+    ``fp8`` comes before ``max``: ``max`` has been timed in earlier runs (``reports/gpu``), ``fp8`` has not."""
+    return [SpeedCase("eager"), SpeedCase("fused_qkv"), SpeedCase("fp8"), SpeedCase("max"), SpeedCase("sdpa"),
+            SpeedCase("cudnn"), SpeedCase("vae_no_upcast"), SpeedCase("bf16"), SpeedCase("channels_last"),
+            SpeedCase("compile"), SpeedCase("cudagraphs"),
             SpeedCase("channels_last", lora="unfused"), SpeedCase("channels_last", lora="fused"),
             SpeedCase("fused_qkv", batch_size=4), SpeedCase("max", batch_size=4)]
 

@@ -14,13 +14,16 @@ from sdxl_core.numerics import image_psnr
 from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level, set_kernel_backends
 
 ORDER = ["eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile", "cudagraphs",
-         "max"]
+         "max", "fp8"]
 EAGER_LEVELS = ORDER[:7]  # no torch.compile: fine on a CPU
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 SEED = 3
 # PSNR of each level's tiny 64x64 image against the fp32 image of the same seed. Measured on CPU over seeds
 # 0-3: fp16 levels 55.1-56.9 dB, bf16 levels 41.1-44.5 dB; the bounds leave ~10 and ~6 dB of margin.
 MIN_PSNR_DB = {torch.float16: 45.0, torch.bfloat16: 35.0}
+# fp8 GEGLU projections (no compile), same seeds: 38.2-42.8 dB against fp32, 39.6-41.5 dB against the bf16
+# recipe without fp8; the bound leaves ~6 dB of margin. Above 60 dB would mean the fp8 path did nothing.
+MIN_PSNR_DB_FP8 = 32.0
 
 
 def test_get_level():
@@ -74,29 +77,30 @@ def test_levels_are_cumulative():
             assert changed == ["compile_mode"], (cur.name, changed)
         assert not cur.fuse_lora
         # booleans only ever switch one way along the ladder
-        for f in ("sdpa", "channels_last", "fused_qkv", "cudnn"):
+        for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
             assert cur.compile_mode is not None
 
 
-FLAGS = ("dtype", "sdpa", "channels_last", "fused_qkv", "vae_upcast", "cudnn", "compile_mode")
+FLAGS = ("dtype", "sdpa", "channels_last", "fused_qkv", "vae_upcast", "cudnn", "compile_mode", "fp8_geglu")
 
 
 def test_level_flag_progression():
     table = {n: tuple(getattr(LEVELS[n], f) for f in FLAGS) for n in ORDER}
     assert table == {
-        "eager": ("float16", False, False, False, True, False, None),
-        "sdpa": ("float16", True, False, False, True, False, None),
-        "vae_no_upcast": ("float16", True, False, False, False, False, None),
-        "bf16": ("bfloat16", True, False, False, False, False, None),
-        "channels_last": ("bfloat16", True, True, False, False, False, None),
-        "fused_qkv": ("bfloat16", True, True, True, False, False, None),
-        "cudnn": ("bfloat16", True, True, True, False, True, None),
-        "compile": ("bfloat16", True, True, True, False, True, "default"),
-        "cudagraphs": ("bfloat16", True, True, True, False, True, "reduce-overhead"),
-        "max": ("bfloat16", True, True, True, False, True, "reduce-overhead"),
+        "eager": ("float16", False, False, False, True, False, None, False),
+        "sdpa": ("float16", True, False, False, True, False, None, False),
+        "vae_no_upcast": ("float16", True, False, False, False, False, None, False),
+        "bf16": ("bfloat16", True, False, False, False, False, None, False),
+        "channels_last": ("bfloat16", True, True, False, False, False, None, False),
+        "fused_qkv": ("bfloat16", True, True, True, False, False, None, False),
+        "cudnn": ("bfloat16", True, True, True, False, True, None, False),
+        "compile": ("bfloat16", True, True, True, False, True, "default", False),
+        "cudagraphs": ("bfloat16", True, True, True, False, True, "reduce-overhead", False),
+        "max": ("bfloat16", True, True, True, False, True, "reduce-overhead", False),
+        "fp8": ("bfloat16", True, True, True, False, True, "reduce-overhead", True),
     }
     assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
@@ -106,6 +110,7 @@ def test_level_flag_progression():
     (dict(dtype="float8"), "unknown dtype"),
     (dict(compile_mode="fast"), "compile_mode must be one of"),
     (dict(sdpa=False, fused_qkv=True), "fused QKV projections use SDPA"),
+    (dict(fp8_geglu=True), "fp8 GEGLU projections write bf16 outputs"),
 ])
 def test_invalid_levels(changes, hint):
     with pytest.raises(InvalidConfigError, match=hint):
@@ -177,6 +182,29 @@ def test_apply_level_fuses_a_lora_into_the_unet(fast_settings):
     assert effect > 1e-3 and image_psnr(unfused.images[0], plain.images[0]) < 70  # the LoRA does something
     assert relative_l2(fused.latents, unfused.latents) < 0.05 * effect
     assert image_psnr(fused.images[0], unfused.images[0]) > 70
+
+
+def test_fp8_geglu_on_tiny(fast_settings, fp32_image):
+    """The fp8 recipe without torch.compile (``cudnn`` + fp8 GEGLU projections) runs on the CPU's _scaled_mm:
+    every GEGLU projection of both UNets is converted, and the image stays close to fp32 and to the same
+    recipe in bf16, yet differs from the bf16 recipe (the fp8 products did run)."""
+    from sdxl_core.fp8 import Fp8Linear
+
+    level = replace(LEVELS["cudnn"], name="fp8_eager", description="test", fp8_geglu=True)
+    bf16 = load_pipelines("tiny", "tiny", device="cpu")
+    apply_level(bf16, LEVELS["cudnn"])
+    ref = generate(bf16, GenerationRequest(PROMPT, SEED, settings=fast_settings))
+
+    pipes = load_pipelines("tiny", "tiny", device="cpu")
+    n_geglu = sum(type(m).__name__ == "GEGLU" for u in (pipes.base.unet, pipes.refiner.unet) for m in u.modules())
+    apply_level(pipes, level)
+    assert n_geglu > 0 and pipes.kernel_backends["fp8_geglu_layers"] == n_geglu
+    projs = [m.proj for u in (pipes.base.unet, pipes.refiner.unet) for m in u.modules() if type(m).__name__ == "GEGLU"]
+    assert all(isinstance(p, Fp8Linear) for p in projs)
+    out = generate(pipes, GenerationRequest(PROMPT, SEED, settings=fast_settings))
+    assert out.latents.dtype == torch.bfloat16 and torch.isfinite(out.latents).all()
+    assert image_psnr(out.images[0], fp32_image) >= MIN_PSNR_DB_FP8
+    assert MIN_PSNR_DB_FP8 <= image_psnr(out.images[0], ref.images[0]) < 60
 
 
 @pytest.mark.slow
