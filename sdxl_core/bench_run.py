@@ -22,7 +22,8 @@ from sdxl_core.atomicio import append_json_line, read_json_lines, write_json_ato
 from sdxl_core.bench_cases import BenchCase, expand_cases, generation_settings
 from sdxl_core.bench_config import BenchConfig
 from sdxl_core.errors import InvalidConfigError
-from sdxl_core.results_schema import IMAGES_LOG, RESULTS_FILE, SCHEMA_VERSION, check_document, group_name
+from sdxl_core.results_schema import (IMAGES_LOG, RESULTS_FILE, SCHEMA_VERSION, check_document, group_name,
+                                     keep_newest)
 
 _MAX_MESSAGE = 2000
 
@@ -209,11 +210,10 @@ class BenchRun:
 
 
 def _keep_newest(latest: dict[str, dict[str, Any]], row: dict[str, Any]) -> None:
-    """Fold one log line into ``latest``: the newest line per case id wins, but an ``ok`` line is never replaced
-    by an error."""
+    """Fold one log line into ``latest`` by its case id (lines without one are skipped)."""
     cid = row.get("id")
-    if isinstance(cid, str) and not (latest.get(cid, {}).get("status") == "ok" and row.get("status") != "ok"):
-        latest[cid] = row
+    if isinstance(cid, str):
+        keep_newest(latest, cid, row)
 
 
 def _settings_dict(settings: Any) -> dict[str, Any]:

@@ -21,20 +21,37 @@ def library_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | N
     return libs
 
 
-def gpu_info() -> dict[str, Any]:
-    """The first CUDA device's name, memory, CUDA/cuDNN and driver versions (``gpu`` None without one)."""
+def gpu_info(device: Any = None) -> dict[str, Any]:
+    """A CUDA device's name, memory, multiprocessors, CUDA/cuDNN and driver versions (``gpu`` None without one).
+
+    ``device`` is a ``torch.device`` or index (default: the current CUDA device); a CPU device gives ``gpu``
+    None. The driver version comes from NVML (``pynvml``), else ``nvidia-smi``, else says why it is missing."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or getattr(device, "type", "cuda") != "cuda":
         return {"gpu": None}
-    props = torch.cuda.get_device_properties(0)
+    props = torch.cuda.get_device_properties(device)
     info: dict[str, Any] = {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                            "multiprocessors": props.multi_processor_count,
                             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    info["driver"] = _driver_version()
+    return info
+
+
+def _driver_version() -> str:
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-    except Exception as exc:  # optional: the driver version only; say why it is missing
-        info["driver"] = f"unknown ({type(exc).__name__})"
-    return info
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception as nvml_exc:  # optional: try nvidia-smi, and say why both failed
+        import subprocess
+
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip().splitlines()[0]
+            return f"unknown (pynvml: {type(nvml_exc).__name__}; nvidia-smi exit {out.returncode})"
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"unknown (pynvml: {type(nvml_exc).__name__}; nvidia-smi: {type(exc).__name__})"

@@ -14,6 +14,7 @@ from typing import Any
 
 from sdxl_core.atomicio import read_json_lines, write_text_atomic
 from sdxl_core.errors import InvalidConfigError
+from sdxl_core.results_schema import keep_newest
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
@@ -72,10 +73,7 @@ def latest_results(run_dir: str | Path) -> dict[tuple[str, int, int], dict[str, 
             key = result_key(row)
         except (TypeError, ValueError):
             continue
-        previous = latest.get(key)
-        if previous is not None and previous.get("status") == "ok" and row.get("status") != "ok":
-            continue
-        latest[key] = row
+        keep_newest(latest, key, row)
     return latest
 
 

@@ -81,6 +81,15 @@ def group_name(variant: str, lora: str | None) -> str:
     return f"{variant}[{lora}]" if lora else variant
 
 
+def keep_newest(latest: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any]) -> None:
+    """Fold one result line into ``latest`` under ``key``: the newest line wins, except that an ``ok`` line is
+    never replaced by an error (a finished result is never lost to a later failed retry)."""
+    previous = latest.get(key)
+    if previous is not None and previous.get("status") == "ok" and row.get("status") != "ok":
+        return
+    latest[key] = row
+
+
 def check_document(doc: Any, where: str = "results.json") -> dict[str, Any]:
     """``doc`` if it is a schema-1 result document; else an error naming what is wrong."""
     if not isinstance(doc, dict):
