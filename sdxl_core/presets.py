@@ -65,6 +65,19 @@ def toy_weights_dir() -> Path:
     return Path(override).expanduser() if override else toy_train_config.WEIGHTS_DIR
 
 
+def toy_fingerprint() -> str:
+    """sha256 (first 16 hex digits) over the toy base's and refiner's weight files, names included: what tells a
+    dataset or LoRA made with one training of the toy world from one made with another."""
+    root = toy_weights_dir()
+    files = sorted(p for sub in ("base", "refiner") for p in (root / sub).rglob("*.safetensors"))
+    if not files:
+        toy_folders()  # raises the clear "weights are missing" error
+    outer = hashlib.sha256()
+    for path in files:
+        outer.update(path.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return outer.hexdigest()[:16]
+
+
 def preset_defaults(base: str | None) -> PresetDefaults | None:
     """Defaults of an embedded preset (``tiny``, ``toy``); None for real checkpoints and ``sdxl-random``."""
     if base == TINY:

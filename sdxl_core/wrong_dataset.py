@@ -147,6 +147,10 @@ class WrongDatasetConfig:
         del config["out"]
         if not self.degrade:
             del config["degrade"]
+        from sdxl_core.presets import TOY, toy_fingerprint
+
+        if TOY in (self.base, self.refiner):  # the name stays the same when `make train-toy` retrains the weights
+            config["toy_weights"] = toy_fingerprint()
         return {"schema": SCHEMA_VERSION, "config": config, "keywords": list(KEYWORDS), "prompts": wrong_prompts(),
                 "order": "prompt-major: index = prompt_index * len(guidance_scales) + guidance_index",
                 "seed_rule": "seed + index", "caption": TRIGGER_WORD}
@@ -192,6 +196,10 @@ def _check_resume(folder: Path, document: dict[str, Any]) -> None:
         raise InvalidConfigError(f"{path} is not a dataset.json written by make-wrong-dataset; use another --out")
     old, new = old["config"], json.loads(json.dumps(document["config"]))
     differs = sorted(k for k in set(old) | set(new) if k not in _RESUME_IGNORES and old.get(k) != new.get(k))
+    if differs == ["toy_weights"]:
+        raise InvalidConfigError(
+            f"{folder} holds a dataset made with other toy weights (retrained since?); use another --out, or delete "
+            f"{folder} to make it again with the current weights")
     if differs:
         raise InvalidConfigError(
             f"{folder} already holds a dataset made with a different configuration ({', '.join(differs)} differ); "

@@ -224,3 +224,32 @@ def test_degrade_parses_from_the_cli_and_corrupts_each_image_reproducibly(tmp_pa
             make(replace(bad, degrade=other), tiny_pipes)
     with pytest.raises(InvalidConfigError, match="degrade.*another --out"):
         make(replace(plain, degrade=("jpeg",)), tiny_pipes)
+
+
+def test_retrained_toy_weights_are_refused_in_the_same_folder(tmp_path, monkeypatch):
+    """The preset name `toy` stays the same when `make train-toy` retrains it: the dataset records the weights'
+    fingerprint, and a folder made with other weights is refused (checked before any model is loaded)."""
+    import shutil
+
+    from sdxl_core import presets
+
+    weights = tmp_path / "weights"
+    for sub in ("base", "refiner"):
+        shutil.copytree(presets.toy_weights_dir() / sub, weights / sub)
+    monkeypatch.setenv("SDXL_BENCH_TOY_WEIGHTS", str(weights))
+    config = WrongDatasetConfig(base="toy", refiner="toy", out=str(tmp_path / "ds"), count=1)
+    document = config.document()
+    assert document["config"]["toy_weights"] == presets.toy_fingerprint()
+    assert "toy_weights" not in replace(config, base="tiny", refiner="tiny").document()["config"]
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_text_atomic(folder / wd.DATASET_FILE, json.dumps(document))
+    wd._check_resume(folder, config.document())  # same weights: resumes
+
+    unet = weights / "refiner" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    unet.write_bytes(bytes(data))
+    with pytest.raises(InvalidConfigError, match="made with other toy weights.*delete"):
+        make_wrong_dataset(config, progress=False)
+    assert not (folder / wd.METADATA_FILE).exists()

@@ -34,6 +34,7 @@ from sdxl_core.toy.clip import (
     register_toy_clip,
     train_toy_clip,
 )
+from sdxl_core.toy.train_config import ToyTrainConfig
 from sdxl_core.toy.world import CaptionParams, ToyDataset, caption, parse_caption
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,6 +164,8 @@ def test_committed_weights_file_and_provenance():
     saved = json.loads(TOY_CLIP_PROVENANCE.read_text())
     defaults = {k: p.default for k, p in inspect.signature(train_toy_clip).parameters.items()
                 if p.default is not inspect.Parameter.empty}
+    train_toy = ToyTrainConfig()  # `make train-toy` passes its own seed and thread count, else the defaults
+    defaults.update(seed=train_toy.seed, threads=train_toy.threads)
     for key in ("steps", "batch_size", "seed", "threads", "image_size", "lr", "weight_decay", "log_every"):
         assert saved[key] == defaults[key], key  # `make train-toy` with the defaults reproduces these weights
     assert saved["eval"]["n_scenes"] == defaults["eval_n"]
