@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,9 +63,8 @@ SUPERSAMPLE = 4
 
 
 @dataclass(frozen=True)
-class Scene:
-    """All parameters of one scene. ``centers`` are (x, y) shape centres as fractions of the image side;
-    ``position`` is None for counts 2-3; ``seed``/``index`` record where the scene was drawn."""
+class CaptionParams:
+    """What a caption asks for (the scene parameters a caption carries; no geometry)."""
 
     shape: str
     colour: str
@@ -73,6 +72,14 @@ class Scene:
     size: str
     position: str | None
     background: str
+
+
+@dataclass(frozen=True)
+class Scene(CaptionParams):
+    """All parameters of one scene: what its caption says, plus geometry. ``centers`` are (x, y) shape centres
+    as fractions of the image side; ``position`` is None for counts 2-3; ``seed``/``index`` record where the
+    scene was drawn."""
+
     centers: tuple[tuple[float, float], ...]
     seed: int | None = None
     index: int = 0
@@ -90,21 +97,9 @@ class Scene:
                    seed=d.get("seed"), index=int(d.get("index", 0)))
 
     @property
-    def params(self) -> "CaptionParams":
-        return CaptionParams(shape=self.shape, colour=self.colour, count=self.count, size=self.size,
-                             position=self.position, background=self.background)
-
-
-@dataclass(frozen=True)
-class CaptionParams:
-    """What a caption asks for (the scene parameters a caption carries; no geometry)."""
-
-    shape: str
-    colour: str
-    count: int
-    size: str
-    position: str | None
-    background: str
+    def params(self) -> CaptionParams:
+        """The caption's part of the scene (a plain ``CaptionParams``, without the geometry)."""
+        return CaptionParams(**{f.name: getattr(self, f.name) for f in fields(CaptionParams)})
 
 
 def _place(rng: np.random.Generator, count: int, half: float) -> tuple[tuple[float, float], ...]:
