@@ -201,3 +201,13 @@ def test_oracle_does_not_import_skimage():
     code = ("import sys; import sdxl_core.toy.oracle as o; o.nearest_colour((200, 30, 30)); "
             "sys.exit(1 if any(m == 'skimage' or m.startswith('skimage.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_a_scene_is_its_caption_params_plus_geometry():
+    scene = sample_scene(3, 5)
+    params = scene.params
+    assert type(params) is CaptionParams and params.params is params
+    assert {f.name: getattr(scene, f.name) for f in dataclasses.fields(CaptionParams)} == dataclasses.asdict(params)
+    assert list(scene.as_dict())[:6] == [f.name for f in dataclasses.fields(CaptionParams)]
+    assert caption(scene) == caption(params)
+    assert Scene.from_dict(json.loads(json.dumps(scene.as_dict()))) == scene

@@ -34,6 +34,7 @@ their provenance (seed, steps, loss curve, time, evaluation) is the JSON file be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -115,10 +116,7 @@ def create_toy_clip(pretrained: str | os.PathLike | None = None) -> tuple[torch.
 # ----------------------------------------------------------------------------------------------- captions
 
 def _with(p: CaptionParams, **change: Any) -> CaptionParams:
-    d = {"shape": p.shape, "colour": p.colour, "count": p.count, "size": p.size, "position": p.position,
-         "background": p.background}
-    d.update(change)
-    return CaptionParams(**d)
+    return dataclasses.replace(p.params, **change)
 
 
 def change_options(params: CaptionParams, attribute: str) -> list[CaptionParams]:

@@ -73,6 +73,13 @@ class CaptionParams:
     position: str | None
     background: str
 
+    @property
+    def params(self) -> "CaptionParams":
+        """Only what the caption carries, as a plain ``CaptionParams`` (a ``Scene`` without its geometry)."""
+        if type(self) is CaptionParams:
+            return self
+        return CaptionParams(**{f.name: getattr(self, f.name) for f in fields(CaptionParams)})
+
 
 @dataclass(frozen=True)
 class Scene(CaptionParams):
@@ -95,11 +102,6 @@ class Scene(CaptionParams):
                    position=d.get("position"), background=d["background"],
                    centers=tuple((float(x), float(y)) for x, y in d["centers"]),
                    seed=d.get("seed"), index=int(d.get("index", 0)))
-
-    @property
-    def params(self) -> CaptionParams:
-        """The caption's part of the scene (a plain ``CaptionParams``, without the geometry)."""
-        return CaptionParams(**{f.name: getattr(self, f.name) for f in fields(CaptionParams)})
 
 
 def _place(rng: np.random.Generator, count: int, half: float) -> tuple[tuple[float, float], ...]:
