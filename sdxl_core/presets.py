@@ -81,7 +81,8 @@ def toy_fingerprint() -> str:
 def preset_defaults(base: str | None) -> PresetDefaults | None:
     """Defaults of an embedded preset (``tiny``, ``toy``); None for real checkpoints and ``sdxl-random``."""
     if base == TINY:
-        return PresetDefaults(size=TINY_DEFAULT_SIZE, steps=TINY_DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, clip_model="ViT-B-32:smoke",
+        return PresetDefaults(size=TINY_DEFAULT_SIZE, steps=TINY_DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
+                              clip_model="ViT-B-32:smoke",
                               fid_features="effnet-lite0")
     if base == TOY:
         return PresetDefaults(size=TOY_DEFAULT_SIZE, steps=TOY_DEFAULT_STEPS, guidance_scale=TOY_DEFAULT_GUIDANCE,
