@@ -35,7 +35,8 @@ class Fp8Linear(nn.Module):
     """A drop-in for ``nn.Linear`` whose weight is stored in e4m3 with one scale per output channel.
 
     ``forward`` quantises its input per row and multiplies with ``torch._scaled_mm``; the bias is added in the
-    output dtype. Built with :meth:`from_linear`; the original weight is not kept.
+    output dtype. Built with :meth:`from_linear`; the original weight is not kept. Inference only, as diffusers'
+    pipelines run the UNet (under ``no_grad``): ``torch._scaled_mm`` has no derivative.
     """
 
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,

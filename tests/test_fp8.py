@@ -102,3 +102,18 @@ def test_check_fp8_device():
     check_fp8_device(torch.device("cpu"))
     with pytest.raises(InvalidConfigError, match="not meta; choose a level without fp8"):
         check_fp8_device(torch.device("meta"))
+
+
+def test_fp8_geglu_compiles_fullgraph():
+    """The fp8 level compiles the UNets with fullgraph=True: a converted FeedForward must trace without graph
+    breaks (inductor on the CPU here; the CUDA lowering is checked by the GPU run) and give the eager result."""
+    block = _geglu_block()
+    convert_geglu_projections(block)
+    x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
+    # Inference only, as diffusers' pipelines call the UNet (under no_grad): _scaled_mm has no derivative.
+    with torch.no_grad():
+        eager = block(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True, dynamic=False)(x)
+    assert compiled.dtype == torch.bfloat16
+    assert (compiled.float() - eager.float()).abs().max().item() <= 2 ** -6 * eager.float().abs().max().item()
