@@ -66,16 +66,12 @@ def toy_weights_dir() -> Path:
 
 
 def toy_fingerprint() -> str:
-    """sha256 (first 16 hex digits) over the toy base's and refiner's weight files, names included: what tells a
-    dataset or LoRA made with one training of the toy world from one made with another."""
-    root = toy_weights_dir()
-    files = sorted(p for sub in ("base", "refiner") for p in (root / sub).rglob("*.safetensors"))
-    if not files:
-        toy_folders()  # raises the clear "weights are missing" error
-    outer = hashlib.sha256()
-    for path in files:
-        outer.update(path.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return outer.hexdigest()[:16]
+    """First 16 hex digits of the reference-set content hash over the toy base's and refiner's weight files, in
+    path order: what tells a dataset or LoRA made with one training of the toy world from one made with another."""
+    from sdxl_core.metrics.reference import content_hash
+
+    base, refiner = toy_folders()  # the clear "weights are missing" error first
+    return content_hash(sorted(base.rglob("*.safetensors")) + sorted(refiner.rglob("*.safetensors")))[:16]
 
 
 def preset_defaults(base: str | None) -> PresetDefaults | None:

@@ -58,6 +58,8 @@ def test_missing_toy_weights_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("SDXL_BENCH_TOY_WEIGHTS", str(tmp_path / "nowhere"))
     with pytest.raises(ModelNotFoundError, match="make train-toy"):
         presets.toy_folders()
+    with pytest.raises(ModelNotFoundError, match="make train-toy"):
+        presets.toy_fingerprint()
 
 
 def test_committed_weights_fit_the_size_budget():
