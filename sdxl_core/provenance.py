@@ -44,14 +44,15 @@ def _driver_version() -> str:
 
         pynvml.nvmlInit()
         return str(pynvml.nvmlSystemGetDriverVersion())
-    except Exception as nvml_exc:  # optional: try nvidia-smi, and say why both failed
-        import subprocess
+    except Exception as exc:  # optional: fall back to nvidia-smi, and say why NVML failed
+        nvml_error = type(exc).__name__
+    import subprocess
 
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.strip().splitlines()[0]
-            return f"unknown (pynvml: {type(nvml_exc).__name__}; nvidia-smi exit {out.returncode})"
-        except (OSError, subprocess.SubprocessError) as exc:
-            return f"unknown (pynvml: {type(nvml_exc).__name__}; nvidia-smi: {type(exc).__name__})"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown (pynvml: {nvml_error}; nvidia-smi: {type(exc).__name__})"
+    if out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip().splitlines()[0]
+    return f"unknown (pynvml: {nvml_error}; nvidia-smi exit {out.returncode})"

@@ -13,8 +13,8 @@ import torch
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import GenerationSettings
 from sdxl_core.loading import load_pipelines
-from sdxl_core.speed import (IMAGE_PSNR_MIN, SpeedCase, SpeedResult, SpeedRunner, default_cases, parse_case,
-                             render_table, run_speed_suite)
+from sdxl_core.speed import (IMAGE_PSNR_MIN, SCHEMA_VERSION, SpeedCase, SpeedResult, SpeedRunner, default_cases,
+                             machine_info, parse_case, render_table, run_speed_suite)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,6 +57,17 @@ def test_case_names_and_references():
     assert SpeedCase("channels_last", lora="unfused").reference_name == "channels_last+lora_unfused"
     assert SpeedCase("channels_last", lora="fused").reference_name == "channels_last+lora_unfused"
     assert SpeedCase("channels_last", 4, lora="fused").reference_name == "channels_last+lora_unfused"
+
+
+def test_machine_info_is_the_provenance_runs_record():
+    """Schema 2: library versions under "libraries" (as bench runs record them), the GPU block, date and device."""
+    from sdxl_core.provenance import library_versions
+
+    info = machine_info(torch.device("cpu"))
+    assert SCHEMA_VERSION == 2
+    assert info["libraries"] == library_versions() and info["libraries"]["diffusers"]
+    assert info["gpu"] is None and info["device"] == "cpu" and info["cpu_count"] >= 1
+    assert info["date"].endswith("+00:00")
 
 
 def test_default_cases_start_with_the_reference():
