@@ -130,10 +130,10 @@ def generation_settings(config: BenchConfig) -> Any:
     from sdxl_core.presets import default_guidance, default_size, default_steps
 
     size = config.size or default_size(config.base)
-    settings = GenerationSettings(steps=config.steps or default_steps(config.base),
-                                  guidance_scale=(config.guidance_scale if config.guidance_scale is not None
-                                                  else default_guidance(config.base)), high_noise_frac=config.high_noise_frac,
-                                  width=size, height=size)
+    # 0 is a valid guidance scale, so only None means "the preset's".
+    guidance = config.guidance_scale if config.guidance_scale is not None else default_guidance(config.base)
+    settings = GenerationSettings(steps=config.steps or default_steps(config.base), guidance_scale=guidance,
+                                  high_noise_frac=config.high_noise_frac, width=size, height=size)
     settings.check()
     return settings
 
