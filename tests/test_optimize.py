@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
+import pyparsing
 import pytest
 import torch
 
@@ -49,12 +50,36 @@ def test_kernel_backends_do_not_leak_between_levels():
         torch.backends.cudnn.benchmark = True
         chosen = set_kernel_backends(LEVELS["max"], cpu, torch.float32)
         assert chosen["cudnn_attention_probe"] == "not applicable on cpu"
+        assert chosen["prompt_parser_packrat"] is True and pyparsing.ParserElement._packratEnabled
         assert chosen["sdpa_priority"] == default["sdpa_priority"]
         assert torch.backends.cudnn.benchmark is False
         assert set_kernel_backends(LEVELS["eager"], cpu, torch.float32) == default
+        assert default["prompt_parser_packrat"] is False and not pyparsing.ParserElement._packratEnabled
         assert [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()] == default["sdpa_priority"]
     finally:
         set_kernel_backends(LEVELS["eager"], cpu, torch.float32)
+
+
+def test_packrat_parsing_gives_the_same_parse():
+    """compel's parse of every default prompt and of weighting, blend and conjunction syntax is the same with
+    pyparsing's packrat cache on (the ``max`` levels) as off."""
+    from compel import Compel
+
+    from sdxl_core.optimize import set_packrat_parsing
+    from sdxl_core.prompts_default import DEFAULT_PROMPTS
+
+    prompts = [PROMPT, *DEFAULT_PROMPTS, "(a (cat)1.3 on a mat)--, [blurry] photo",
+               '("a cat", "a dog").blend(0.3, 0.7)', '("red fox", "snow").and()', "a cat\\(not weighted\\)"]
+    try:
+        set_packrat_parsing(False)
+        plain = [repr(Compel.parse_prompt_string(p)) for p in prompts]
+        set_packrat_parsing(True)
+        cached = [repr(Compel.parse_prompt_string(p)) for p in prompts]
+        again = [repr(Compel.parse_prompt_string(p)) for p in prompts]  # now from a warm cache
+    finally:
+        set_packrat_parsing(False)
+    assert "@1.053" in plain[-4] and "Blend" in plain[-3] and "weights [1.0, 1.0]" in plain[-2]
+    assert cached == plain and again == plain
 
 
 def _recipe_fields() -> list[str]:
@@ -77,30 +102,31 @@ def test_levels_are_cumulative():
             assert changed == ["compile_mode"], (cur.name, changed)
         assert not cur.fuse_lora
         # booleans only ever switch one way along the ladder
-        for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu"):
+        for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
             assert cur.compile_mode is not None
 
 
-FLAGS = ("dtype", "sdpa", "channels_last", "fused_qkv", "vae_upcast", "cudnn", "compile_mode", "fp8_geglu")
+FLAGS = ("dtype", "sdpa", "channels_last", "fused_qkv", "vae_upcast", "cudnn", "compile_mode", "fp8_geglu",
+         "packrat_parser")
 
 
 def test_level_flag_progression():
     table = {n: tuple(getattr(LEVELS[n], f) for f in FLAGS) for n in ORDER}
     assert table == {
-        "eager": ("float16", False, False, False, True, False, None, False),
-        "sdpa": ("float16", True, False, False, True, False, None, False),
-        "vae_no_upcast": ("float16", True, False, False, False, False, None, False),
-        "bf16": ("bfloat16", True, False, False, False, False, None, False),
-        "channels_last": ("bfloat16", True, True, False, False, False, None, False),
-        "fused_qkv": ("bfloat16", True, True, True, False, False, None, False),
-        "cudnn": ("bfloat16", True, True, True, False, True, None, False),
-        "compile": ("bfloat16", True, True, True, False, True, "default", False),
-        "cudagraphs": ("bfloat16", True, True, True, False, True, "reduce-overhead", False),
-        "max": ("bfloat16", True, True, True, False, True, "reduce-overhead", False),
-        "fp8": ("bfloat16", True, True, True, False, True, "reduce-overhead", True),
+        "eager": ("float16", False, False, False, True, False, None, False, False),
+        "sdpa": ("float16", True, False, False, True, False, None, False, False),
+        "vae_no_upcast": ("float16", True, False, False, False, False, None, False, False),
+        "bf16": ("bfloat16", True, False, False, False, False, None, False, False),
+        "channels_last": ("bfloat16", True, True, False, False, False, None, False, False),
+        "fused_qkv": ("bfloat16", True, True, True, False, False, None, False, False),
+        "cudnn": ("bfloat16", True, True, True, False, True, None, False, False),
+        "compile": ("bfloat16", True, True, True, False, True, "default", False, False),
+        "cudagraphs": ("bfloat16", True, True, True, False, True, "reduce-overhead", False, False),
+        "max": ("bfloat16", True, True, True, False, True, "reduce-overhead", False, True),
+        "fp8": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True),
     }
     assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
