@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=None, help="skip cases that cannot finish within this")
     p.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 activation-range check")
+    p.add_argument("--profile", default=None,
+                   help="comma-separated cases that also get a device timeline (kernels, idle time per stage, host "
+                        "syncs) from one more generation after their timed rounds, e.g. --profile fp8")
     p.add_argument("--out", required=True, help="result JSON (rewritten after every case)")
     p.set_defaults(fn=_lazy("sdxl_core.speed", "main_speed"))
 

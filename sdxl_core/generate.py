@@ -7,7 +7,7 @@ import io
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -87,13 +87,18 @@ class GenerationOutput:
 
 
 class StageClock:
-    """Marks points of a generation on the device's stream; durations are read after one synchronisation."""
+    """Marks points of a generation on the device's stream; durations are read after one synchronisation.
 
-    def __init__(self, device: torch.device):
+    ``marker(name)``, when given, runs at every mark first (the profiler puts a stage marker on the device)."""
+
+    def __init__(self, device: torch.device, marker: Callable[[str], None] | None = None):
         self.cuda = device.type == "cuda"
         self.marks: list[tuple[str, Any]] = []
+        self.marker = marker
 
     def mark(self, name: str) -> None:
+        if self.marker is not None:
+            self.marker(name)
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()

@@ -31,13 +31,16 @@ from sdxl_core.loading import Pipelines
 from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
 from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 
+# 3: per-case first_call_stage_seconds and, for profiled cases, a device timeline (``profile``);
 # 2: machine info as runs record it (library versions under "libraries"); 1: torch/diffusers/... at top level.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 # A level is "equivalent" to eager when its base latents are within LATENT_REL_TOL (relative L2) and its
 # image within IMAGE_PSNR_MIN dB of eager's, and everything is finite. Measured differences are recorded.
 LATENT_REL_TOL = 0.1
 IMAGE_PSNR_MIN = 25.0
+# Seconds a profiled case needs beyond its two extra generations: the profiler's trace of ~80k kernels.
+PROFILE_OVERHEAD_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,8 @@ class SpeedResult:
     mfu: float | None = None
     equivalence: dict[str, Any] = field(default_factory=dict)
     kernel_backends: dict[str, Any] = field(default_factory=dict)
+    first_call_stage_seconds: dict[str, float] = field(default_factory=dict)  # compilation shows up here
+    profile: dict[str, Any] = field(default_factory=dict)  # sdxl_core.timeline summary of one more generation
 
 
 @dataclass
@@ -164,6 +169,7 @@ class SpeedRunner:
     rounds: int = 3
     matmul_rate: float | None = None
     lora_rank: int = 4
+    profile_cases: tuple[str, ...] = ()  # case names that get a device timeline after their timed rounds
     outputs: dict[str, GenerationOutput] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -203,6 +209,7 @@ class SpeedRunner:
             out = generate(pipes, request, encoder)
             _sync(self.device)
             result.first_call_s = time.perf_counter() - t0
+            result.first_call_stage_seconds = dict(out.stage_seconds)
             for _ in range(self.warmup - 1):
                 generate(pipes, request, encoder)
             if self.device.type == "cuda":
@@ -225,6 +232,8 @@ class SpeedRunner:
                 result.mfu = result.flops_per_image / result.seconds_per_image / self.matmul_rate
             result.equivalence = self._check(case, out)
             self.outputs[case.name] = _first_image_only(out)
+            if case.name in self.profile_cases:
+                result.profile = self._profile(pipes, request, encoder)
         except Exception as exc:  # one failed case is an error row; the others go on
             result.status = "error"
             result.message = f"{type(exc).__name__}: {exc}"
@@ -235,6 +244,27 @@ class SpeedRunner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return result
+
+    def _profile(self, pipes: Pipelines, request: GenerationRequest, encoder: PromptEncoder) -> dict[str, Any]:
+        """A device timeline of one more generation, and a host-sync scan of another (both after the timed rounds,
+        so they change no timing). A failure is recorded in the result, and the case's timings stand."""
+        from sdxl_core.generate import check_split
+        from sdxl_core.timeline import profile_generation, scan_host_syncs
+
+        s = self.settings
+        if pipes.refiner is not None:
+            steps = dict(zip(("base_denoising", "refiner_denoising"),
+                             check_split(pipes.base.scheduler, s.steps, s.high_noise_frac)))
+        else:
+            steps = {"base_denoising": s.steps}
+        t0 = time.perf_counter()
+        try:
+            summary = profile_generation(lambda clock: generate(pipes, request, encoder, clock), self.device, steps)
+            summary["host_syncs"] = scan_host_syncs(lambda: generate(pipes, request, encoder), self.device)
+        except Exception as exc:
+            summary = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
 
     def _check(self, case: SpeedCase, out: GenerationOutput) -> dict[str, Any]:
         import numpy as np
@@ -311,6 +341,19 @@ def default_cases() -> list[SpeedCase]:
             SpeedCase("fused_qkv", batch_size=4), SpeedCase("max", batch_size=4)]
 
 
+def profiled_cases(text: str | None, cases: list[SpeedCase]) -> tuple[str, ...]:
+    """The case names ``--profile`` asks for; each must be one of the cases this run times."""
+    if not text:
+        return ()
+    names = [c.name for c in cases]
+    chosen = tuple(parse_case(t.strip()).name for t in text.split(",") if t.strip())
+    missing = [c for c in chosen if c not in names]
+    if missing:
+        raise InvalidConfigError(f"--profile names {', '.join(missing)}, which this run does not time "
+                                 f"(cases: {', '.join(names)}); add it to --cases or drop it from --profile")
+    return chosen
+
+
 def estimated_overhead_s(case: SpeedCase, done: list[dict[str, Any]]) -> float:
     """Rough seconds a case needs beyond its timed rounds (compilation above all), used to skip cases that
     cannot finish before the deadline: the first call of the last compiled case if there was one, else a
@@ -333,6 +376,8 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
             compiled = get_level(case.level).compile_mode is not None
             per_round = last_round_s * case.batch_size * (0.5 if compiled else 1.0)
             need = estimated_overhead_s(case, payload["results"]) + (runner.warmup + runner.rounds) * per_round
+            if case.name in runner.profile_cases:
+                need += PROFILE_OVERHEAD_S + 2 * per_round
             left = deadline - time.time()
             if left < need:
                 skipped = SpeedResult(case.name, get_level(case.level).as_dict(), case.batch_size, case.lora,
@@ -347,6 +392,11 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
             last_round_s = max(result.seconds_per_image or 0.0, 0.5)
         print(f"[speed] {case.name}: {result.status} {result.seconds_per_image} s/image {result.message[:200]}",
               flush=True)
+        if result.profile:
+            from sdxl_core.timeline import format_profile
+
+            print(f"[speed] {case.name} profile ({result.profile['seconds']:.0f} s):\n{format_profile(result.profile)}",
+                  flush=True)
         payload["results"].append(asdict(result))
         write_json_atomic(out_path, payload)
     return payload
@@ -422,6 +472,7 @@ def main_speed(args: Any) -> int:
                                   high_noise_frac=args.high_noise_frac, width=args.width, height=args.height)
     settings.check()
     cases = [parse_case(c) for c in args.cases.split(",")] if args.cases else default_cases()
+    profile_cases = profiled_cases(getattr(args, "profile", None), cases)
     refiner = args.refiner if args.refiner is not None else (SDXL_RANDOM if args.base == SDXL_RANDOM else None)
     if refiner is None:
         raise InvalidConfigError("the speed suite times base + refiner; pass --refiner")
@@ -438,7 +489,7 @@ def main_speed(args: Any) -> int:
     rate = measure_matmul_rate(device) if device.type == "cuda" else None
     meta["bf16_matmul_flops_per_s"] = rate
     runner = SpeedRunner(build=build, device=device, settings=settings, seed=args.seed, warmup=args.warmup,
-                         rounds=args.rounds, matmul_rate=rate)
+                         rounds=args.rounds, matmul_rate=rate, profile_cases=profile_cases)
     w = runner.workload()
     meta["workload_flops"] = asdict(w) | {"total": w.total}
     meta["flop_floor_s"] = floor_seconds(w.total, rate) if rate else None

@@ -14,7 +14,7 @@ from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import GenerationSettings
 from sdxl_core.loading import load_pipelines
 from sdxl_core.speed import (IMAGE_PSNR_MIN, SCHEMA_VERSION, SpeedCase, SpeedResult, SpeedRunner, default_cases,
-                             machine_info, parse_case, render_table, run_speed_suite)
+                             machine_info, parse_case, profiled_cases, render_table, run_speed_suite)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,11 +60,12 @@ def test_case_names_and_references():
 
 
 def test_machine_info_is_the_provenance_runs_record():
-    """Schema 2: library versions under "libraries" (as bench runs record them), the GPU block, date and device."""
+    """Since schema 2: library versions under "libraries" (as bench runs record them), the GPU block, date and
+    device (schema 3 added per-case fields only)."""
     from sdxl_core.provenance import library_versions
 
     info = machine_info(torch.device("cpu"))
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert info["libraries"] == library_versions() and info["libraries"]["diffusers"]
     assert info["gpu"] is None and info["device"] == "cpu" and info["cpu_count"] >= 1
     assert info["date"].endswith("+00:00")
@@ -142,7 +143,8 @@ def build_tiny(dtype: torch.dtype):
 @pytest.fixture(scope="module")
 def runner():
     # note: __post_init__ counts the SDXL 1.0 FLOPs at the settings' size on meta (a few seconds)
-    return SpeedRunner(build=build_tiny, device=torch.device("cpu"), settings=SETTINGS, rounds=1, warmup=1)
+    return SpeedRunner(build=build_tiny, device=torch.device("cpu"), settings=SETTINGS, rounds=1, warmup=1,
+                       profile_cases=("bf16",))
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +163,30 @@ def test_runner_cases_ok(results):
         assert r.flops_per_image > 0
         assert set(r.stage_seconds) == {"text_encoding", "base_denoising", "refiner_denoising", "vae_decode"}
         assert r.peak_memory_gib is None and r.mfu is None  # CPU: no memory stats, no matmul rate given
+
+
+def test_runner_profiles_only_the_cases_asked_for(results):
+    profile = results["bf16"].profile
+    assert "error" not in profile, profile.get("traceback")
+    assert list(profile["stages"]) == ["text_encoding", "base_denoising", "refiner_denoising", "vae_decode"]
+    assert profile["stages"]["base_denoising"]["steps"] + profile["stages"]["refiner_denoising"]["steps"] == 4
+    assert profile["host_syncs"]["applicable"] is False and profile["seconds"] > 0
+    assert all(not r.profile for name, r in results.items() if name != "bf16")
+    json.dumps(asdict(results["bf16"]))  # the profile is plain JSON
+
+
+def test_first_call_stage_seconds_are_recorded(results):
+    for r in results.values():
+        assert set(r.first_call_stage_seconds) == set(r.stage_seconds)
+        assert all(v > 0 for v in r.first_call_stage_seconds.values())
+
+
+def test_profiled_cases():
+    cases = [SpeedCase("eager"), SpeedCase("fp8"), SpeedCase("max", 4)]
+    assert profiled_cases(None, cases) == () and profiled_cases("", cases) == ()
+    assert profiled_cases("fp8, max@b4", cases) == ("fp8", "max@b4")
+    with pytest.raises(InvalidConfigError, match=r"--profile names max, which this run does not time.*add it to --cases"):
+        profiled_cases("max", cases)
 
 
 def test_runner_batch_size(results):

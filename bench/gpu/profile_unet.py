@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -21,21 +20,7 @@ from sdxl_core.flops import unet_inputs
 from sdxl_core.loading import Pipelines
 from sdxl_core.optimize import apply_level, get_level
 from sdxl_core.presets import build_sdxl_random
-
-# First match wins: cuDNN's convolution kernels are named "..._fprop_implicit_gemm_...", so conv comes before gemm.
-CLASSES = (("attention", r"fmha|flash|attention|cudnn_generated_fort_native_sdpa|sdpa"),
-           ("conv", r"conv|implicit|xmma_fprop|fprop|dgrad|winograd"),
-           ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul"),
-           ("triton (fused pointwise/norm)", r"^triton_"),
-           ("copy/other", r"."))
-
-
-def classify(name: str) -> str:
-    low = name.lower()
-    for label, pattern in CLASSES:
-        if re.search(pattern, low):
-            return label
-    return "copy/other"
+from sdxl_core.timeline import classify
 
 
 def main() -> None:

@@ -1,0 +1,242 @@
+"""Where one generation's device time goes: kernels and idle gaps per stage, and the host syncs it makes.
+
+The profiled generation marks each stage boundary on the device's own timeline (a one-cycle spin kernel on
+CUDA, an instant profiler range on the CPU), so every kernel falls in a stage by stream order alone. The
+summary is computed by :func:`summarize` from plain ``(name, start, end)`` intervals, which keeps the arithmetic
+testable without a GPU; :func:`profile_generation` and :func:`scan_host_syncs` collect the intervals and the
+syncs with ``torch.profiler`` and ``torch.cuda.set_sync_debug_mode``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sdxl_core.generate import StageClock
+
+# First match wins: cuDNN's convolution kernels are named "..._fprop_implicit_gemm_...", so conv comes before gemm.
+CLASSES = (("attention", r"fmha|flash|attention|cudnn_generated_fort_native_sdpa|sdpa"),
+           ("conv", r"conv|implicit|xmma_fprop|fprop|dgrad|winograd"),
+           ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|scaled_mm|aten::mm|aten::addmm|aten::linear"),
+           ("triton (fused pointwise/norm)", r"^triton_"),
+           ("memset/memcpy", r"^memset|^memcpy"),
+           ("other", r"."))
+CUDA_MARKER = "spin_kernel"  # torch.cuda._sleep's kernel
+CPU_MARKER = "sdxl_stage_marker"
+
+
+def classify(name: str) -> str:
+    """The kernel class of a kernel (or, on the CPU, an ATen op) by its name."""
+    low = name.lower()
+    for label, pattern in CLASSES:
+        if re.search(pattern, low):
+            return label
+    return "other"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One unit of device work (a kernel, memset or copy; a top-level ATen op on the CPU), in microseconds."""
+
+    name: str
+    start_us: float
+    end_us: float
+
+    @property
+    def us(self) -> float:
+        return self.end_us - self.start_us
+
+
+def union_us(items: Sequence[Interval]) -> float:
+    """Length of the union of the intervals: the time the device was busy with at least one of them."""
+    total, end = 0.0, float("-inf")
+    for it in sorted(items, key=lambda i: i.start_us):
+        if it.end_us <= end:
+            continue
+        total += it.end_us - max(it.start_us, end)
+        end = it.end_us
+    return total
+
+
+def _gaps(items: Sequence[Interval], start: float, end: float) -> list[dict[str, Any]]:
+    """Idle stretches between ``start`` and ``end``: before the first item, between items, after the last."""
+    out, busy_until, prev = [], start, "(stage start)"
+    for it in sorted(items, key=lambda i: i.start_us):
+        if it.start_us > busy_until:
+            out.append({"ms": (it.start_us - busy_until) / 1e3, "at_ms": (busy_until - start) / 1e3,
+                        "after": prev, "before": it.name})
+        if it.end_us >= busy_until:
+            busy_until, prev = it.end_us, it.name
+    if end > busy_until:
+        out.append({"ms": (end - busy_until) / 1e3, "at_ms": (busy_until - start) / 1e3, "after": prev,
+                    "before": "(stage end)"})
+    return out
+
+
+def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: Sequence[str],
+              steps: dict[str, int] | None = None, top: int = 15, top_gaps: int = 8) -> dict[str, Any]:
+    """Per-stage and overall totals of one generation's device work.
+
+    ``markers`` are the device start times of the stage marks, in order, and ``stage_names`` their names (the
+    last mark, ``end``, closes the last stage). A stage's ``span_ms`` is the device time between its marks,
+    ``busy_ms`` the union of its kernels, ``idle_ms`` the rest: time the device waited for the host.
+    ``steps`` (stage -> denoising steps) adds kernels and milliseconds per step."""
+    if len(markers) != len(stage_names) or len(markers) < 2:
+        raise ValueError(f"need one marker per stage mark and at least two, got {len(markers)} markers for "
+                         f"{len(stage_names)} marks ({list(stage_names)})")
+    if list(markers) != sorted(markers):
+        raise ValueError("stage markers are out of order on the device timeline")
+    steps = steps or {}
+    stages: dict[str, dict[str, Any]] = {}
+    all_gaps: list[dict[str, Any]] = []
+    for name, a, b in zip(stage_names, markers, markers[1:]):
+        inside = [it for it in items if a <= it.start_us < b]
+        gaps = _gaps(inside, a, b)
+        busy = union_us(inside)
+        s = stages.setdefault(name, {"span_ms": 0.0, "busy_ms": 0.0, "kernel_ms": 0.0, "kernels": 0})
+        s["span_ms"] += (b - a) / 1e3
+        s["busy_ms"] += busy / 1e3
+        s["kernel_ms"] += sum(it.us for it in inside) / 1e3
+        s["kernels"] += len(inside)
+        all_gaps += [dict(g, stage=name) for g in gaps]
+    for name, s in stages.items():
+        s["idle_ms"] = s["span_ms"] - s["busy_ms"]
+        if steps.get(name):
+            s["steps"] = steps[name]
+            s["ms_per_step"] = s["span_ms"] / steps[name]
+            s["kernels_per_step"] = s["kernels"] / steps[name]
+    inside_all = [it for it in items if markers[0] <= it.start_us < markers[-1]]
+    per_class: dict[str, dict[str, float]] = {}
+    per_kernel: dict[str, list[float]] = {}
+    for it in inside_all:
+        c = per_class.setdefault(classify(it.name), {"ms": 0.0, "launches": 0})
+        c["ms"] += it.us / 1e3
+        c["launches"] += 1
+        k = per_kernel.setdefault(it.name, [0.0, 0])
+        k[0] += it.us / 1e3
+        k[1] += 1
+    kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    span = (markers[-1] - markers[0]) / 1e3
+    busy = union_us(inside_all) / 1e3
+    return {
+        "span_ms": span, "busy_ms": busy, "idle_ms": span - busy, "kernels": len(inside_all),
+        "outside_stages": len(items) - len(inside_all),
+        "stages": stages,
+        "per_class": dict(sorted(per_class.items(), key=lambda kv: -kv[1]["ms"])),
+        "top_kernels": [{"name": n[:160], "class": classify(n), "ms": v[0], "launches": v[1]} for n, v in kernels],
+        "largest_gaps": sorted(all_gaps, key=lambda g: -g["ms"])[:top_gaps],
+    }
+
+
+def _device_intervals(prof: Any, cuda: bool) -> tuple[list[Interval], list[float]]:
+    """Work intervals and marker times from a finished ``torch.profiler.profile``: CUDA kernels, memsets and
+    copies on a GPU; top-level ATen ops (those inside no other ATen op) on the CPU."""
+    from torch.autograd import DeviceType
+
+    raw = [(e.name(), e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.device_type())
+           for e in prof.profiler.kineto_results.events()]
+    raw.sort(key=lambda r: (r[1], -r[2]))
+    items: list[Interval] = []
+    markers: list[float] = []
+    if cuda:
+        for name, a, b, dev in raw:
+            if dev != DeviceType.CUDA:
+                continue
+            if CUDA_MARKER in name:
+                markers.append(a)
+            else:
+                items.append(Interval(name, a, b))
+        return items, markers
+    top_end = float("-inf")
+    for name, a, b, dev in raw:
+        if dev != DeviceType.CPU:
+            continue
+        if name == CPU_MARKER:
+            markers.append(a)
+        elif name.startswith("aten::") and a >= top_end:
+            items.append(Interval(name, a, b))
+            top_end = b
+    return items, markers
+
+
+def profile_generation(run: Callable[[StageClock], Any], device: torch.device,
+                       steps: dict[str, int] | None = None) -> dict[str, Any]:
+    """Profile one call of ``run(clock)`` (a generation that marks its stages on ``clock``) and summarise it.
+
+    Run it after warm-up and compilation: it profiles whatever the call does."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = device.type == "cuda"
+    names: list[str] = []
+
+    def marker(name: str) -> None:
+        names.append(name)
+        if cuda:
+            torch.cuda._sleep(1)
+        else:
+            with record_function(CPU_MARKER):
+                pass
+
+    clock = StageClock(device, marker=marker)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run(clock)
+        if cuda:
+            torch.cuda.synchronize(device)
+    items, markers = _device_intervals(prof, cuda)
+    if len(markers) != len(names):
+        raise RuntimeError(f"the profile holds {len(markers)} stage markers for {len(names)} marks "
+                           f"({names}); the profiler may have dropped events")
+    summary = summarize(items, markers, names, steps)
+    summary["host_stage_seconds"] = clock.durations()
+    summary["device"] = str(device)
+    return summary
+
+
+def scan_host_syncs(run: Callable[[], Any], device: torch.device, top: int = 20) -> dict[str, Any]:
+    """Run ``run()`` with CUDA's sync debug mode on and count the synchronising calls by source line.
+
+    A sync stops the host from queueing work ahead of the GPU, so the GPU idles while the host catches up.
+    Returns ``{"applicable": False}`` off CUDA, where there is nothing to scan."""
+    if device.type != "cuda":
+        return {"applicable": False, "reason": f"sync debug mode is CUDA-only (device {device.type})"}
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+            torch.cuda.synchronize(device)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    where = Counter(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in caught
+                    if "synchroniz" in str(w.message).lower())
+    return {"applicable": True, "syncs": sum(where.values()),
+            "by_line": [{"where": k, "count": v} for k, v in where.most_common(top)]}
+
+
+def format_profile(summary: dict[str, Any], top: int = 8) -> str:
+    """A few lines for the log: per stage span, busy and idle time, kernels per step; classes; top kernels; syncs."""
+    if "error" in summary:
+        return f"profile failed: {summary['error']}"
+    lines = [f"device span {summary['span_ms']:.1f} ms, busy {summary['busy_ms']:.1f}, idle {summary['idle_ms']:.1f}, "
+             f"{summary['kernels']} kernels"]
+    for name, s in summary["stages"].items():
+        per_step = (f"; per step {s['ms_per_step']:.2f} ms, {s['kernels_per_step']:.0f} kernels, "
+                    f"idle {s['idle_ms'] / s['steps']:.2f} ms") if "steps" in s else ""
+        lines.append(f"  {name:18s} span {s['span_ms']:8.1f} ms  busy {s['busy_ms']:8.1f}  idle {s['idle_ms']:7.1f}  "
+                     f"kernels {s['kernels']:6d}{per_step}")
+    lines.append("  by class: " + ", ".join(f"{k} {v['ms']:.1f} ms/{v['launches']}" for k, v in summary["per_class"].items()))
+    for k in summary["top_kernels"][:top]:
+        lines.append(f"  {k['ms']:8.2f} ms {k['launches']:5d}x  {k['class'][:10]:10s} {k['name'][:100]}")
+    for g in summary["largest_gaps"][:3]:
+        lines.append(f"  gap {g['ms']:.2f} ms in {g['stage']} at {g['at_ms']:.1f} ms: {g['after'][:50]} -> {g['before'][:50]}")
+    syncs = summary.get("host_syncs", {})
+    if syncs.get("applicable"):
+        lines.append(f"  host syncs: {syncs['syncs']}" + "".join(f"\n    {d['count']}x {d['where'][-150:]}"
+                                                             for d in syncs["by_line"][:5]))
+    return "\n".join(lines)

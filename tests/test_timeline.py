@@ -1,0 +1,125 @@
+"""sdxl_core.timeline: the per-stage arithmetic against hand-made timelines, and a real profile of the tiny models."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sdxl_core.generate import GenerationRequest, StageClock, check_split, generate
+from sdxl_core.timeline import (Interval, classify, format_profile, profile_generation, scan_host_syncs, summarize,
+                                union_us)
+
+
+def _brute_union(items: list[Interval], resolution: float = 1.0) -> float:
+    """The reference: mark every grid cell that some interval covers (integer endpoints, so exact)."""
+    if not items:
+        return 0.0
+    lo = int(min(i.start_us for i in items))
+    hi = int(max(i.end_us for i in items))
+    covered = np.zeros(hi - lo, dtype=bool)
+    for it in items:
+        covered[int(it.start_us) - lo:int(it.end_us) - lo] = True
+    return float(covered.sum()) * resolution
+
+
+def test_union_matches_a_brute_force_reference():
+    rng = random.Random(0)
+    for _ in range(200):
+        items = []
+        for _ in range(rng.randint(0, 12)):
+            a = rng.randint(0, 100)
+            items.append(Interval("k", a, a + rng.randint(0, 30)))
+        assert union_us(items) == _brute_union(items)
+
+
+def test_summarize_a_hand_made_timeline():
+    # marks at 0 (text), 100 (base, 2 steps), 400 (end); one kernel before the first mark
+    items = [Interval("early", -50, -10),
+             Interval("clip_gemm_kernel", 10, 30), Interval("triton_poi_fused_gelu", 50, 60),  # text: busy 30
+             Interval("nvjet_sm90_tst_gemm", 100, 200), Interval("nvjet_sm90_tst_gemm", 150, 250),  # overlap: 150
+             Interval("cudnn_generated_fort_native_sdpa_flash", 300, 390)]  # base busy 150 + 90 = 240
+    s = summarize(items, [0, 100, 400], ["text_encoding", "base_denoising", "end"], steps={"base_denoising": 2})
+    assert s["span_ms"] == pytest.approx(0.4) and s["busy_ms"] == pytest.approx(0.27)
+    assert s["idle_ms"] == pytest.approx(0.13) and s["kernels"] == 5 and s["outside_stages"] == 1
+    text, base = s["stages"]["text_encoding"], s["stages"]["base_denoising"]
+    assert (text["span_ms"], text["busy_ms"], text["kernels"]) == pytest.approx((0.1, 0.03, 2))
+    assert text["idle_ms"] == pytest.approx(0.07)
+    assert base["busy_ms"] == pytest.approx(0.24) and base["kernel_ms"] == pytest.approx(0.29)
+    assert base["idle_ms"] == pytest.approx(0.06)
+    assert base["ms_per_step"] == pytest.approx(0.15) and base["kernels_per_step"] == 1.5
+    assert "steps" not in text
+    assert s["per_class"]["gemm"] == {"ms": pytest.approx(0.22), "launches": 3}
+    assert s["per_class"]["attention"]["launches"] == 1
+    assert s["top_kernels"][0] == {"name": "nvjet_sm90_tst_gemm", "class": "gemm", "ms": pytest.approx(0.2),
+                                   "launches": 2}
+    gaps = s["largest_gaps"]
+    # text: 0-10, 30-50, 60-100; base: 250-300, 390-400
+    assert [round(g["ms"] * 1e3) for g in gaps] == [50, 40, 20, 10, 10]
+    assert gaps[0] == {"ms": pytest.approx(0.05), "at_ms": pytest.approx(0.15), "after": "nvjet_sm90_tst_gemm",
+                       "before": "cudnn_generated_fort_native_sdpa_flash", "stage": "base_denoising"}
+    assert gaps[1]["before"] == "(stage end)" and gaps[1]["stage"] == "text_encoding"
+    assert "base_denoising" in format_profile(s) and "per step 0.15 ms" in format_profile(s)
+
+
+def test_summarize_refuses_markers_that_do_not_fit():
+    with pytest.raises(ValueError, match="one marker per stage mark"):
+        summarize([], [0.0, 1.0], ["text_encoding", "base_denoising", "end"])
+    with pytest.raises(ValueError, match="out of order"):
+        summarize([], [5.0, 1.0], ["text_encoding", "end"])
+
+
+@pytest.mark.parametrize("name, label", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_",
+     "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv"),
+    ("triton_poi_fused_gelu_mul_split_view_54", "triton (fused pointwise/norm)"),
+    ("Memset (Device)", "memset/memcpy"),
+    ("aten::linear", "gemm"), ("aten::conv2d", "conv"), ("aten::scaled_dot_product_attention", "attention"),
+    ("aten::add", "other"),
+])
+def test_classify(name, label):
+    assert classify(name) == label
+
+
+def test_profile_of_the_tiny_models(tiny_pipes, fast_settings):
+    """A real profile on the CPU: every stage the clock marks has work in it, the stage spans add up to the
+    whole, and profiling does not change the image."""
+    request = GenerationRequest("a wolf in a misty forest, (oil on canvas)+++", 3, settings=fast_settings)
+    plain = generate(tiny_pipes, request)
+    base_steps, refiner_steps = check_split(tiny_pipes.base.scheduler, fast_settings.steps, 0.8)
+    outputs = []
+
+    def run(clock: StageClock):
+        outputs.append(generate(tiny_pipes, request, clock=clock))
+
+    s = profile_generation(run, torch.device("cpu"), {"base_denoising": base_steps,
+                                                      "refiner_denoising": refiner_steps})
+    assert np.array_equal(np.asarray(outputs[0].images[0]), np.asarray(plain.images[0]))
+    assert list(s["stages"]) == ["text_encoding", "base_denoising", "refiner_denoising", "vae_decode"]
+    assert list(s["host_stage_seconds"]) == list(s["stages"])
+    for name, stage in s["stages"].items():
+        assert stage["kernels"] > 0 and 0 < stage["busy_ms"] <= stage["span_ms"], name
+    assert sum(st["span_ms"] for st in s["stages"].values()) == pytest.approx(s["span_ms"])
+    assert s["stages"]["base_denoising"]["steps"] == base_steps
+    # every denoising step runs the UNet, so a step has at least as many top-level ops as the UNet has ResNets
+    assert s["stages"]["base_denoising"]["kernels_per_step"] > 10
+    assert s["per_class"]["conv"]["launches"] > 0 and s["per_class"]["gemm"]["launches"] > 0
+    # the device-side spans agree with the host clock's stage times within the profiler's overhead
+    host_ms = sum(s["host_stage_seconds"].values()) * 1e3
+    assert 0.5 * host_ms < s["span_ms"] < 1.5 * host_ms
+
+
+def test_sync_scan_is_cuda_only():
+    out = scan_host_syncs(lambda: None, torch.device("cpu"))
+    assert out["applicable"] is False and "CUDA-only" in out["reason"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sync_scan_finds_a_sync():
+    x = torch.ones(4, device="cuda")
+    out = scan_host_syncs(lambda: x.sum().item(), torch.device("cuda"))
+    assert out["applicable"] and out["syncs"] >= 1 and "test_timeline.py" in out["by_line"][0]["where"]
