@@ -108,6 +108,7 @@ def test_profile_of_the_tiny_models(tiny_pipes, fast_settings):
     # every denoising step runs the UNet, so a step has at least as many top-level ops as the UNet has ResNets
     assert s["stages"]["base_denoising"]["kernels_per_step"] > 10
     assert s["per_class"]["conv"]["launches"] > 0 and s["per_class"]["gemm"]["launches"] > 0
+    assert s["notes"] == []
     # the device-side spans agree with the host clock's stage times within the profiler's overhead
     host_ms = sum(s["host_stage_seconds"].values()) * 1e3
     assert 0.5 * host_ms < s["span_ms"] < 1.5 * host_ms
@@ -123,3 +124,30 @@ def test_sync_scan_finds_a_sync():
     x = torch.ones(4, device="cuda")
     out = scan_host_syncs(lambda: x.sum().item(), torch.device("cuda"))
     assert out["applicable"] and out["syncs"] >= 1 and "test_timeline.py" in out["by_line"][0]["where"]
+
+
+def test_cuda_intervals_are_kernels_split_by_spin_markers():
+    """The CUDA branch of the extraction, on a recorded-event list shaped like kineto's (name, device type, start
+    and duration in ns): host events are ignored, spin kernels are the markers, everything else is work."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from sdxl_core.timeline import _device_intervals
+
+    def ev(name, start, dur, dev):
+        return SimpleNamespace(name=lambda: name, start_ns=lambda: start, duration_ns=lambda: dur,
+                               device_type=lambda: dev)
+
+    events = [ev("cudaLaunchKernel", 0, 5_000, DeviceType.CPU),
+              ev("at::cuda::(anonymous namespace)::spin_kernel(long)", 1_000, 1_000, DeviceType.CUDA),
+              ev("nvjet_sm90_tst_gemm", 3_000, 4_000, DeviceType.CUDA),
+              ev("Memset (Device)", 8_000, 1_000, DeviceType.CUDA),
+              ev("at::cuda::(anonymous namespace)::spin_kernel(long)", 10_000, 1_000, DeviceType.CUDA)]
+    prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: events)))
+    items, markers = _device_intervals(prof, cuda=True)
+    assert markers == [1.0, 10.0]
+    assert items == [Interval("nvjet_sm90_tst_gemm", 3.0, 7.0), Interval("Memset (Device)", 8.0, 9.0)]
+    s = summarize(items, markers, ["base_denoising", "end"], {"base_denoising": 1})
+    assert s["stages"]["base_denoising"]["busy_ms"] == pytest.approx(0.005)
+    assert s["stages"]["base_denoising"]["idle_ms"] == pytest.approx(0.004)
