@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu/run.sh                      # sdxl-random (full SDXL 1.0 architecture, random weights)
 #   bash bench/gpu/run.sh --base DIR --refiner DIR [--vae DIR]   # real weights from local folders
+#   bash bench/gpu/run.sh --cases eager,fp8 --profile fp8       # + a device timeline of fp8 (sdxl_core/timeline.py)
 #
 # Wheels for packages the machine lacks (diffusers, compel, open-clip-torch, ...) are installed from .whl/
 # when that folder is present. Results: $OUT/speed.json (or reports/gpu/speed-latest.json), table printed last.
