@@ -2,7 +2,8 @@
 
 The levels are cumulative, from ``eager`` (fp16, classic attention, fp32 VAE upcast: the reference code with
 diffusers' pre-PyTorch-2 attention) to ``max`` (everything, with ``torch.compile`` and CUDA graphs), then
-``fp8`` (``max`` with fp8 GEGLU projections, which changes the arithmetic and so is kept apart from ``max``).
+``fp8`` (``max`` with fp8 GEGLU projections, which changes the arithmetic and so is kept apart from ``max``) and
+``cross_kv`` (``fp8`` with the cross-attention keys and values computed once per image).
 Each is checked against ``eager`` on the same seed by the speed suite.
 """
 
@@ -38,6 +39,7 @@ class OptimizationLevel:
     cudnn: bool = False
     fp8_geglu: bool = False
     packrat_parser: bool = False
+    cache_cross_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -46,6 +48,8 @@ class OptimizationLevel:
             raise InvalidConfigError(f"level {self.name}: compile_mode must be one of {COMPILE_MODES}")
         if self.fused_qkv and not self.sdpa:
             raise InvalidConfigError(f"level {self.name}: fused QKV projections use SDPA; set sdpa=True")
+        if self.cache_cross_kv and not self.sdpa:
+            raise InvalidConfigError(f"level {self.name}: the cross K/V cache attends with SDPA; set sdpa=True")
         if self.fp8_geglu and self.dtype != "bfloat16":
             raise InvalidConfigError(f"level {self.name}: fp8 GEGLU projections write bf16 outputs (row-wise scaled "
                                      f"fp8 GEMMs have no fp16 output); set dtype='bfloat16'")
@@ -88,7 +92,11 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                   description="+ fp8 (e4m3, row-wise scaled) GEGLU input projections in both UNets "
                               "(torch._scaled_mm; CUDA compute capability 8.9+)",
                   fp8_geglu=True)
-    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8)
+    kv = replace(fp8, name="cross_kv",
+                 description="+ cross-attention keys and values computed once per image (they depend only on the "
+                             "text) instead of at every denoising step (sdxl_core/cross_kv.py)",
+                 cache_cross_kv=True)
+    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv)
 
 
 LEVELS: dict[str, OptimizationLevel] = {level.name: level for level in _levels()}
@@ -243,5 +251,13 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
         # Default mode, no CUDA graphs: compel keeps one call's outputs while it makes the next.
         for name in ("text_encoder", "text_encoder_2"):
             mods[name].compile(dynamic=False)
+    if level.cache_cross_kv:  # last: it records the attention layout that fusion and LoRA set up
+        from sdxl_core.cross_kv import install
+
+        for pipe in (pipes.base, pipes.refiner):
+            if pipe is not None:
+                install(pipe)
+        pipes.kernel_backends["cross_kv_layers"] = sum(
+            len(p.unet._layers) for p in (pipes.base, pipes.refiner) if p is not None)
     pipes.share_text_embeddings = level.share_text_embeddings
     return pipes

@@ -1,0 +1,188 @@
+"""Cross-attention keys and values computed once per image instead of once per denoising step.
+
+Every SDXL transformer block projects the text embeddings to keys and values for its cross-attention
+(``attn2.to_k``/``to_v``, or the fused ``to_kv``). The text embeddings are the same at every step of an image,
+so these projections give the same result 40 times (base) and 10 times (refiner). :class:`CrossKVCache` wraps a
+UNet: when the text embeddings it is called with change, it runs all cross-attention key/value projections once,
+packs them end to end into one flat tensor (layer by layer, each ``[batch, tokens, 2 x inner_dim]`` block
+contiguous) and hands that to the UNet through ``cross_attention_kwargs``; the attention processors it installs
+view their own block, so keys and values have the same strides as the fused ``to_kv`` output they replace (a
+feature-axis packing gave them a row stride of the whole pack, and inductor then copied them before attention:
+slower than recomputing, on the CPU). One packed tensor keeps a compiled UNet's inputs to one extra tensor (CUDA
+graphs copy each non-static input at every replay).
+
+The arithmetic is the same projection on the same inputs, so the UNet output is unchanged (bit-identical in
+eager mode; ``tests/test_cross_kv.py``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdxl_core.errors import InvalidConfigError
+
+KWARG = "cross_kv"
+
+
+def _cross_attentions(unet: nn.Module) -> list[nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+
+
+def _check_layer(name: str, attn: nn.Module) -> None:
+    """The cached path covers SDXL's cross-attention; anything else is refused with the reason."""
+    unsupported = [flag for flag, on in (("norm_cross", attn.norm_cross is not None and attn.norm_cross),
+                                         ("spatial_norm", attn.spatial_norm is not None),
+                                         ("group_norm", attn.group_norm is not None),
+                                         ("norm_k", getattr(attn, "norm_k", None) is not None),
+                                         ("residual_connection", attn.residual_connection)) if on]
+    if unsupported:
+        raise InvalidConfigError(f"cross-attention {name} uses {', '.join(unsupported)}, which the cross K/V cache "
+                                 f"does not reproduce; use a level without cache_cross_kv for this model")
+
+
+def _kv_width(attn: nn.Module) -> int:
+    """Features of keys and values together, as :func:`_project_kv` returns them."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_kv.out_features
+    return attn.to_k.out_features + attn.to_v.out_features
+
+
+def _project_kv(attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """Keys and values side by side on the last axis, as the fused ``to_kv`` lays them out."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_kv(encoder_hidden_states)
+    return torch.cat([attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)], dim=-1)
+
+
+class _SelfAttention:
+    """The layer's own processor, with a ``cross_kv`` argument so that diffusers passes the packed tensor along
+    without a warning (self-attention does not use it)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 cross_kv: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class _CachedCrossAttention:
+    """SDPA cross-attention whose keys and values are the packed tensor's block for this layer: it starts after
+    ``offset`` features per token of the layers before it, and holds ``width`` features per token."""
+
+    def __init__(self, inner: Any, offset: int, width: int):
+        self.inner, self.offset, self.width = inner, offset, width
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 cross_kv: torch.Tensor | None = None) -> torch.Tensor:
+        if cross_kv is None or encoder_hidden_states is None or attention_mask is not None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        batch, tokens = encoder_hidden_states.shape[:2]
+        start = batch * tokens * self.offset
+        kv = cross_kv[start:start + batch * tokens * self.width].view(batch, tokens, self.width)
+        key, value = torch.split(kv, self.width // 2, dim=-1)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(b, channel, height * width).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, channel, height, width)
+        return out / attn.rescale_output_factor
+
+
+class CrossKVCache(nn.Module):
+    """A UNet whose cross-attention keys and values are computed once per text embedding.
+
+    Install with :func:`install`; it stands in for the UNet in its pipeline (attributes not its own, such as
+    ``config`` and ``dtype``, come from the UNet). The cache is keyed on the ``encoder_hidden_states`` object
+    itself (held weakly, with its version counter) and the LoRA scale, so a new prompt, an in-place change or a
+    new scale recomputes it."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self._layers: list[nn.Module] = []
+        self._key: tuple[Any, ...] | None = None
+        self._packed: torch.Tensor | None = None
+        self.projections_run = 0  # how many times the keys and values were computed (the tests read it)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["unet"], name)
+
+    def packed(self, encoder_hidden_states: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
+        """All cross-attention keys and values for ``encoder_hidden_states``, flat, one block per layer in order."""
+        key = (encoder_hidden_states._version, float(lora_scale))
+        if self._key is not None and self._key[0]() is encoder_hidden_states and self._key[1:] == key:
+            return self._packed
+        from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+        scaled = USE_PEFT_BACKEND and lora_scale != 1.0
+        if scaled:  # as the UNet's forward scales PEFT LoRA layers around its own call
+            scale_lora_layers(self.unet, lora_scale)
+        try:
+            parts = [_project_kv(attn, encoder_hidden_states).reshape(-1) for attn in self._layers]
+        finally:
+            if scaled:
+                unscale_lora_layers(self.unet, lora_scale)
+        self._packed = torch.cat(parts)
+        self._key = (weakref.ref(encoder_hidden_states), *key)
+        self.projections_run += 1
+        return self._packed
+
+    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
+                cross_attention_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        cak = dict(cross_attention_kwargs or {})
+        cak[KWARG] = self.packed(encoder_hidden_states, cak.get("scale", 1.0))
+        return self.unet(sample, timestep, encoder_hidden_states, *args, cross_attention_kwargs=cak, **kwargs)
+
+
+def install(pipe: Any) -> CrossKVCache:
+    """Put a :class:`CrossKVCache` in place of ``pipe.unet`` (after its attention processors, fusion and compile
+    are set) and give every attention layer of the UNet a processor that takes the packed tensor.
+
+    The processors' layout is fixed here: change the UNet's projections afterwards (fuse or unfuse QKV, load a
+    LoRA) and the cache no longer matches, so install last."""
+    unet = pipe.unet
+    if isinstance(unet, CrossKVCache):
+        raise InvalidConfigError("this pipeline's UNet already has a cross K/V cache")
+    from diffusers.models.attention_processor import Attention
+
+    cache = CrossKVCache(unet)
+    offset = 0
+    for name, attn in unet.named_modules():
+        if not isinstance(attn, Attention):
+            continue
+        if not attn.is_cross_attention:
+            attn.set_processor(_SelfAttention(attn.processor))
+            continue
+        _check_layer(name, attn)
+        width = _kv_width(attn)
+        cache._layers.append(attn)
+        attn.set_processor(_CachedCrossAttention(attn.processor, offset, width))
+        offset += width
+    if not cache._layers:
+        raise InvalidConfigError(f"{type(unet).__name__} has no cross-attention layers; the cross K/V cache has "
+                                 f"nothing to do")
+    object.__setattr__(pipe, "unet", cache)  # not through the pipeline's config bookkeeping: a stand-in, not a part
+    return cache

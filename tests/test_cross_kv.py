@@ -1,0 +1,141 @@
+"""sdxl_core.cross_kv: cross-attention keys and values once per image give the same UNet output and image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdxl_core.cross_kv import CrossKVCache, install
+from sdxl_core.errors import InvalidConfigError
+from sdxl_core.flops import unet_inputs
+from sdxl_core.generate import GenerationRequest, generate
+from sdxl_core.loading import load_pipelines
+from sdxl_core.optimize import LEVELS, apply_level
+
+PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
+
+
+def _fresh(fused: bool = False):
+    pipes = load_pipelines("tiny", "tiny", device="cpu")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for pipe in (pipes.base, pipes.refiner):
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        if fused:
+            pipe.fuse_qkv_projections(unet=True, vae=False)
+    return pipes
+
+
+def _inputs(pipes, seed: int = 0):
+    unet = pipes.base.unet
+    pooled = pipes.base.text_encoder_2.config.projection_dim
+    args, kwargs = unet_inputs(unet, 2, 64, 64, pooled, device=torch.device("cpu"), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(args[0].shape, generator=gen)
+    hidden = torch.randn(args[2].shape, generator=gen)
+    kwargs["added_cond_kwargs"]["text_embeds"] = torch.randn(kwargs["added_cond_kwargs"]["text_embeds"].shape,
+                                                             generator=gen)
+    return sample, args[1], hidden, kwargs
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate_kv", "fused_kv"])
+def test_unet_output_is_bit_identical(fused):
+    pipes = _fresh(fused)
+    unet = pipes.base.unet
+    sample, t, hidden, kwargs = _inputs(pipes)
+    with torch.no_grad():
+        ref = unet(sample, t, hidden, **kwargs)[0]
+        cache = install(pipes.base)
+        assert pipes.base.unet is cache and cache.unet is unet
+        out1 = cache(sample, t, encoder_hidden_states=hidden, **kwargs)[0]
+        out2 = cache(sample, t, encoder_hidden_states=hidden, **kwargs)[0]
+    assert torch.equal(out1, ref) and torch.equal(out2, ref)
+    assert cache.projections_run == 1  # the second step reused the keys and values
+    n_cross = sum(1 for m in unet.modules() if getattr(m, "is_cross_attention", False))
+    assert len(cache._layers) == n_cross > 0
+    assert cache.config is unet.config and cache.dtype == unet.dtype  # the pipeline's view of its UNet
+
+
+def test_new_text_or_in_place_change_recomputes():
+    pipes = _fresh()
+    unet = pipes.base.unet
+    sample, t, hidden, kwargs = _inputs(pipes)
+    other = hidden.clone() * 0.5
+    cache = install(pipes.base)
+    with torch.no_grad():
+        cache(sample, t, hidden, **kwargs)
+        b = cache(sample, t, other, **kwargs)[0]
+        assert cache.projections_run == 2
+        assert torch.equal(b, unet(sample, t, other, **kwargs)[0])
+        other.mul_(2.0)  # same object, new contents: the version counter changes
+        c = cache(sample, t, other, **kwargs)[0]
+        assert cache.projections_run == 3
+        assert torch.equal(c, unet(sample, t, other, **kwargs)[0])
+
+
+def test_image_is_unchanged_through_the_pipelines(fast_settings):
+    request = GenerationRequest(PROMPT, 3, settings=fast_settings)
+    plain = _fresh(fused=True)
+    ref = generate(plain, request)
+    cached = _fresh(fused=True)
+    caches = [install(cached.base), install(cached.refiner)]
+    out = generate(cached, request)
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(ref.images[0]))
+    assert torch.equal(out.latents, ref.latents)
+    assert [c.projections_run for c in caches] == [1, 1]  # once per image per UNet, not once per step
+    generate(cached, request)
+    assert [c.projections_run for c in caches] == [2, 2]
+
+
+def test_a_lora_scale_is_applied_to_the_cached_projections(fast_settings):
+    """An unfused PEFT LoRA on to_k/to_v at a scale other than 1: the cache scales the layers as the UNet does."""
+    from sdxl_core.lora import random_lora_state_dict
+
+    sample, t, hidden, kwargs = None, None, None, None
+    results = []
+    for use_cache in (False, True):
+        pipes = _fresh()
+        state = random_lora_state_dict(pipes.base.unet, rank=4, seed=1)
+        pipes.base.load_lora_weights(state, adapter_name="t")
+        unet = pipes.base.unet
+        sample, t, hidden, kwargs = _inputs(pipes)
+        model = install(pipes.base) if use_cache else unet
+        with torch.no_grad():
+            results.append(model(sample, t, hidden, cross_attention_kwargs={"scale": 0.3}, **kwargs)[0])
+            results.append(model(sample, t, hidden, cross_attention_kwargs={"scale": 1.0}, **kwargs)[0])
+    assert not torch.equal(results[0], results[1])  # the scale matters
+    assert torch.allclose(results[2], results[0], atol=1e-6, rtol=0)
+    assert torch.allclose(results[3], results[1], atol=1e-6, rtol=0)
+
+
+def test_level_installs_on_both_unets_and_compiles(fast_settings):
+    """The `cross_kv` level (fp8 on the CPU, compiled) against the `fp8` level: same image within fp8's noise."""
+    request = GenerationRequest(PROMPT, 3, settings=fast_settings)
+    outs = {}
+    for name in ("fp8", "cross_kv"):
+        level = LEVELS[name]
+        from dataclasses import replace
+
+        level = replace(level, compile_mode="default", compile_text_encoders=False)  # no CUDA graphs on a CPU
+        pipes = load_pipelines("tiny", "tiny", device="cpu", dtype=level.torch_dtype)
+        apply_level(pipes, level)
+        outs[name] = generate(pipes, request)
+        if name == "cross_kv":
+            assert isinstance(pipes.base.unet, CrossKVCache) and isinstance(pipes.refiner.unet, CrossKVCache)
+            assert pipes.kernel_backends["cross_kv_layers"] == len(pipes.base.unet._layers) + len(
+                pipes.refiner.unet._layers)
+    from sdxl_core.numerics import image_psnr
+
+    assert image_psnr(outs["cross_kv"].images[0], outs["fp8"].images[0]) > 40.0
+
+
+def test_refusals():
+    pipes = _fresh()
+    install(pipes.base)
+    with pytest.raises(InvalidConfigError, match="already has a cross K/V cache"):
+        install(pipes.base)
+    from dataclasses import replace
+
+    with pytest.raises(InvalidConfigError, match="attends with SDPA; set sdpa=True"):
+        replace(LEVELS["eager"], cache_cross_kv=True)
