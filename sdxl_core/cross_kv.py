@@ -128,7 +128,10 @@ class CrossKVCache(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["unet"], name)
+            inner = self.__dict__.get("_modules", {}).get("unet")
+            if inner is None:  # not set up yet (e.g. while unpickling): nothing to forward to
+                raise
+            return getattr(inner, name)
 
     def packed(self, encoder_hidden_states: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
         """All cross-attention keys and values for ``encoder_hidden_states``, flat, one block per layer in order."""
@@ -161,8 +164,9 @@ def install(pipe: Any) -> CrossKVCache:
     """Put a :class:`CrossKVCache` in place of ``pipe.unet`` (after its attention processors, fusion and compile
     are set) and give every attention layer of the UNet a processor that takes the packed tensor.
 
-    The processors' layout is fixed here: change the UNet's projections afterwards (fuse or unfuse QKV, load a
-    LoRA) and the cache no longer matches, so install last."""
+    The processors' layout is fixed here: change the UNet's projections afterwards (fuse or unfuse QKV) and the
+    cache no longer matches, so install last. Load LoRAs before, too: a pipeline's LoRA loader would look for the
+    UNet's layers under this stand-in's names."""
     unet = pipe.unet
     if isinstance(unet, CrossKVCache):
         raise InvalidConfigError("this pipeline's UNet already has a cross K/V cache")

@@ -139,3 +139,18 @@ def test_refusals():
 
     with pytest.raises(InvalidConfigError, match="attends with SDPA; set sdpa=True"):
         replace(LEVELS["eager"], cache_cross_kv=True)
+
+
+def test_the_stand_in_copies_like_a_module():
+    """deepcopy goes through object creation without attributes; the forwarding must not recurse there."""
+    import copy
+
+    pipes = _fresh()
+    cache = install(pipes.base)
+    sample, t, hidden, kwargs = _inputs(pipes)
+    clone = copy.deepcopy(cache)
+    assert clone.unet is not cache.unet and clone.config == cache.config
+    with torch.no_grad():
+        assert torch.equal(clone(sample, t, hidden, **kwargs)[0], cache(sample, t, hidden, **kwargs)[0])
+    with pytest.raises(AttributeError):
+        cache.no_such_attribute
