@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sdxl_core.errors import InvalidConfigError
+from sdxl_core.generate import set_packrat_parsing
 from sdxl_core.loading import DTYPES, Pipelines
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
@@ -162,20 +163,6 @@ def probe_cudnn_attention(device: torch.device, dtype: torch.dtype, tol: float =
         if not err <= tol:
             return f"cuDNN attention differs from math by {err:.3g} (> {tol}) for q{q_shape} kv{kv_shape}"
     return None
-
-
-def set_packrat_parsing(on: bool) -> None:
-    """Switch pyparsing's packrat memoisation (process-wide) on or off.
-
-    compel parses every prompt with a pyparsing grammar that backtracks a lot; packrat caching returns the
-    same parse (``tests/test_optimize.py`` compares them) in about half the time (18.7 -> 10.5 ms for the
-    speed suite's prompt on a 2-core CI machine)."""
-    import pyparsing
-
-    if on:
-        pyparsing.ParserElement.enable_packrat()
-    else:
-        pyparsing.ParserElement.disable_memoization()
 
 
 def set_kernel_backends(level: OptimizationLevel, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -19,9 +19,11 @@ for the base and the refiner alike):
 * **Unbalanced parentheses are literal text.** ``a (cat`` parses to the fragment ``'a (cat'``; the unmatched
   parenthesis becomes a token and weights in the same group can be lost (``((a)1.2`` keeps no weight at all).
   An escaped ``\\(`` is a deliberate literal parenthesis and is not reported.
-* **Deeply nested parentheses stall compel's parser.** Its grammar takes time exponential in the nesting depth
-  (measured on 2 CPU cores: depth 4 about 0.5 s, 5 about 1-3 s, 6 about 6-13 s, ~5x per level; ``(a `` repeated
-  50 times raises ``RecursionError``), and generation parses each prompt with it. Prompts nested deeper than
+* **Deeply nested parentheses stall compel's parser** as it ships. Its grammar takes time exponential in the
+  nesting depth (measured on 2 CPU cores: depth 4 about 0.5 s, 5 about 1-3 s, 6 about 6-13 s, ~5x per level;
+  ``(a `` repeated 50 times raises ``RecursionError``). sdxl-bench's generation turns pyparsing's packrat cache
+  on (:class:`sdxl_core.generate.PromptEncoder`), which parses depth 7 in 10 ms instead of 20 s, but other tools
+  that use compel do not, and ~40 levels raise ``RecursionError`` either way. Prompts nested deeper than
   :data:`MAX_PARSE_DEPTH` get a ``deep-nesting`` warning and are not given to the parser here: their token count
   is estimated with the parentheses and weight markers stripped.
 * **Operators on unquoted text are plain text.** ``a cat.and()`` parses to the single fragment ``'a cat.and()'``
@@ -70,9 +72,10 @@ WARNINGS: dict[str, str] = {
         "keeps it as literal text and the weighting around it can be lost. Balance it, or escape it as \\{char}"),
     DEEP_NESTING: (
         "deep-nesting: {depth} levels of nested parentheses (deepest '(' at character {pos}); compel's prompt "
-        "parser takes time exponential in the depth (seconds at 5 levels, ~5x more per level, RecursionError "
-        "when very deep), and generation runs it on every prompt. Flatten it: one group with a weight, e.g. "
-        "((((word)))) -> (word)1.5; the token count is estimated without compel's parser"),
+        "parser as it ships takes time exponential in the depth (seconds at 5 levels, ~5x more per level; "
+        "sdxl-bench parses with pyparsing's packrat cache, which avoids that, but other compel users do not) and "
+        "raises RecursionError at ~40 levels. Flatten it: one group with a weight, e.g. ((((word)))) -> "
+        "(word)1.5; the token count is estimated without compel's parser"),
     UNBALANCED_MORE: (
         "unbalanced-parenthesis: {n} more unmatched parentheses are not listed"),
     A1111_WEIGHT: (

@@ -202,7 +202,7 @@ class SpeedRunner:
             result.kernel_backends = dict(pipes.kernel_backends)
             _sync(self.device)
             result.build_s = time.perf_counter() - t0
-            encoder = PromptEncoder(pipes)
+            encoder = PromptEncoder(pipes, packrat=None)  # the level has set it
             request = GenerationRequest(self.prompt, self.seed, None, 1.0 if case.lora else 0.0,
                                         self.settings, case.batch_size)
             t0 = time.perf_counter()

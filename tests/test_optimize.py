@@ -60,28 +60,6 @@ def test_kernel_backends_do_not_leak_between_levels():
         set_kernel_backends(LEVELS["eager"], cpu, torch.float32)
 
 
-def test_packrat_parsing_gives_the_same_parse():
-    """compel's parse of every default prompt and of weighting, blend and conjunction syntax is the same with
-    pyparsing's packrat cache on (the ``max`` levels) as off."""
-    from compel import Compel
-
-    from sdxl_core.optimize import set_packrat_parsing
-    from sdxl_core.prompts_default import DEFAULT_PROMPTS
-
-    prompts = [PROMPT, *DEFAULT_PROMPTS, "(a (cat)1.3 on a mat)--, [blurry] photo",
-               '("a cat", "a dog").blend(0.3, 0.7)', '("red fox", "snow").and()', "a cat\\(not weighted\\)"]
-    try:
-        set_packrat_parsing(False)
-        plain = [repr(Compel.parse_prompt_string(p)) for p in prompts]
-        set_packrat_parsing(True)
-        cached = [repr(Compel.parse_prompt_string(p)) for p in prompts]
-        again = [repr(Compel.parse_prompt_string(p)) for p in prompts]  # now from a warm cache
-    finally:
-        set_packrat_parsing(False)
-    assert "@1.053" in plain[-4] and "Blend" in plain[-3] and "weights [1.0, 1.0]" in plain[-2]
-    assert cached == plain and again == plain
-
-
 def _recipe_fields() -> list[str]:
     """Every field of a level that is part of its recipe (not its name, description or the LoRA switch)."""
     return [f.name for f in fields(OptimizationLevel) if f.name not in ("name", "description", "fuse_lora")]

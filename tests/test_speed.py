@@ -175,6 +175,19 @@ def test_runner_profiles_only_the_cases_asked_for(results):
     json.dumps(asdict(results["bf16"]))  # the profile is plain JSON
 
 
+def test_eager_times_compel_as_it_ships(runner):
+    """The level sets pyparsing's packrat switch and the runner's prompt encoder leaves it: eager parses without
+    the cache even when the process had it on."""
+    import pyparsing
+
+    from sdxl_core.generate import set_packrat_parsing
+
+    set_packrat_parsing(True)
+    r = runner.run(SpeedCase("eager"))
+    assert r.status == "ok", r.message
+    assert r.kernel_backends["prompt_parser_packrat"] is False and not pyparsing.ParserElement._packratEnabled
+
+
 def test_first_call_stage_seconds_are_recorded(results):
     for r in results.values():
         assert set(r.first_call_stage_seconds) == set(r.stage_seconds)
