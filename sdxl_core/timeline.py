@@ -19,11 +19,14 @@ import torch
 
 from sdxl_core.generate import StageClock
 
-# First match wins: cuDNN's convolution kernels are named "..._fprop_implicit_gemm_...", so conv comes before gemm.
-CLASSES = (("attention", r"fmha|flash|attention|cudnn_generated_fort_native_sdpa|sdpa"),
+# First match wins. Inductor's fused pointwise/reduction kernels come first: their names list the ops they fuse
+# ("triton_poi_fused_clone_convolution_native_group_norm_silu_101" is a group norm, not a convolution). cuDNN's
+# convolution kernels are named "..._fprop_implicit_gemm_...", so conv comes before gemm.
+CLASSES = (("triton (fused pointwise/norm)", r"^triton_(poi|red|per)_"),
+           ("attention", r"fmha|flash|attention|cudnn_generated_fort_native_sdpa|sdpa"),
            ("conv", r"conv|implicit|xmma_fprop|fprop|dgrad|winograd"),
-           ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|scaled_mm|aten::mm|aten::addmm|aten::linear"),
-           ("triton (fused pointwise/norm)", r"^triton_"),
+           ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|scaled_mm|aten::mm|aten::addmm|aten::linear|"
+                    r"^triton_tem_"),
            ("memset/memcpy", r"^memset|^memcpy"),
            ("other", r"."))
 CUDA_MARKER = re.compile(r"spin_kernel|sleep", re.IGNORECASE)  # torch.cuda._sleep's kernel
