@@ -73,12 +73,62 @@ class _SelfAttention:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+def _row_runs(batch: int, skip: tuple[int, ...]) -> list[tuple[int, int, bool]]:
+    """Batch rows ``0..batch-1`` as maximal runs ``(start, stop, compute)``: ``compute`` is False for rows in
+    ``skip``. Contiguous runs keep the row selections plain slices (views)."""
+    runs: list[tuple[int, int, bool]] = []
+    for i in range(batch):
+        compute = i not in skip
+        if runs and runs[-1][2] == compute and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1, compute)
+        else:
+            runs.append((i, i + 1, compute))
+    return runs
+
+
+def _bias_free(module: nn.Module, allow: nn.Module | None = None) -> bool:
+    """Every ``nn.Linear`` in ``module`` (``allow`` excepted) has no bias, and there is at least one; other layer
+    types (e.g. an fp8 linear) are not vouched for."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    others = [m for m in linears if m is not allow]
+    if not linears or any(type(m) is not nn.Linear for m in others):
+        return False
+    return all(m.bias is None for m in others)
+
+
+def _empty_text_output(attn: nn.Module) -> torch.Tensor | None:
+    """What ``attn.to_out`` makes of zeros (its base bias, or None for zeros), or ``False`` when that is not known.
+
+    A plain ``nn.Linear`` gives its bias; a PEFT LoRA wrapper gives its base layer's bias when its adapters have no
+    bias (a LoRA maps zeros to zeros)."""
+    layer = attn.to_out[0]
+    base = getattr(layer, "base_layer", layer)
+    if type(base) is not nn.Linear or (layer is not base and not _bias_free(layer, allow=base)):
+        return False
+    return base.bias
+
+
+def zero_text_skippable(attn: nn.Module) -> bool:
+    """True when text embeddings of zeros give this cross-attention layer the output ``to_out(0)`` whatever the
+    query: bias-free key and value projections make keys and values zero, so attention averages zero values."""
+    if getattr(attn, "fused_projections", False):
+        kv_free = _bias_free(attn.to_kv)
+    else:
+        kv_free = _bias_free(attn.to_k) and _bias_free(attn.to_v)
+    return kv_free and _empty_text_output(attn) is not False
+
+
 class _CachedCrossAttention:
     """SDPA cross-attention whose keys and values are the packed tensor's block for this layer: it starts after
-    ``offset`` features per token of the layers before it, and holds ``width`` features per token."""
+    ``offset`` features per token of the layers before it, and holds ``width`` features per token.
+
+    Batch rows listed in ``zero_rows`` (set by the cache: their text embeddings are all zeros, as SDXL's
+    unconditional half is without a negative prompt) are not attended: their output is ``to_out(0)``, exactly
+    what attention over zero keys and values gives."""
 
     def __init__(self, inner: Any, offset: int, width: int):
         self.inner, self.offset, self.width = inner, offset, width
+        self.zero_rows: tuple[int, ...] = ()
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -88,11 +138,31 @@ class _CachedCrossAttention:
         batch, tokens = encoder_hidden_states.shape[:2]
         start = batch * tokens * self.offset
         kv = cross_kv[start:start + batch * tokens * self.width].view(batch, tokens, self.width)
-        key, value = torch.split(kv, self.width // 2, dim=-1)
         input_ndim = hidden_states.ndim
         if input_ndim == 4:
             b, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(b, channel, height * width).transpose(1, 2)
+        if not self.zero_rows:
+            out = self._attend(attn, hidden_states, kv)
+        else:
+            pieces = []
+            for lo, hi, compute in _row_runs(batch, self.zero_rows):
+                if compute:
+                    pieces.append(self._attend(attn, hidden_states[lo:hi], kv[lo:hi]))
+                else:
+                    bias = _empty_text_output(attn)
+                    n_out = attn.to_out[0].out_features
+                    fill = (bias.to(hidden_states.dtype) if bias is not None
+                            else hidden_states.new_zeros(n_out))
+                    pieces.append(fill.expand(hi - lo, hidden_states.shape[1], n_out))
+            out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, channel, height, width)
+        return out / attn.rescale_output_factor
+
+    def _attend(self, attn: nn.Module, hidden_states: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        batch = hidden_states.shape[0]
+        key, value = torch.split(kv, self.width // 2, dim=-1)
         query = attn.to_q(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -102,10 +172,7 @@ class _CachedCrossAttention:
             query = attn.norm_q(query)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, channel, height, width)
-        return out / attn.rescale_output_factor
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 class CrossKVCache(nn.Module):
@@ -123,6 +190,8 @@ class CrossKVCache(nn.Module):
         self._key: tuple[Any, ...] | None = None
         self._packed: torch.Tensor | None = None
         self.projections_run = 0  # how many times the keys and values were computed (the tests read it)
+        self.skip_zero_text = False  # set by install() when every layer allows it
+        self.zero_rows: tuple[int, ...] = ()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -151,7 +220,20 @@ class CrossKVCache(nn.Module):
         self._packed = torch.cat(parts)
         self._key = (weakref.ref(encoder_hidden_states), *key)
         self.projections_run += 1
+        if self.skip_zero_text:
+            self._set_zero_rows(encoder_hidden_states)
         return self._packed
+
+    def _set_zero_rows(self, encoder_hidden_states: torch.Tensor) -> None:
+        """Find the batch rows whose text embeddings are all zeros (one host sync per new text) and tell the
+        processors. An unchanged set keeps the same tuple object, so a compiled UNet's guards keep holding."""
+        nonzero = (encoder_hidden_states.reshape(encoder_hidden_states.shape[0], -1) != 0).any(dim=1).tolist()
+        rows = tuple(i for i, nz in enumerate(nonzero) if not nz)
+        if rows == self.zero_rows:
+            return
+        self.zero_rows = rows
+        for attn in self._layers:
+            attn.processor.zero_rows = rows
 
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
                 cross_attention_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
@@ -160,13 +242,17 @@ class CrossKVCache(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, *args, cross_attention_kwargs=cak, **kwargs)
 
 
-def install(pipe: Any) -> CrossKVCache:
+def install(pipe: Any, skip_zero_text: bool = True) -> CrossKVCache:
     """Put a :class:`CrossKVCache` in place of ``pipe.unet`` (after its attention processors, fusion and compile
     are set) and give every attention layer of the UNet a processor that takes the packed tensor.
 
     The processors' layout is fixed here: change the UNet's projections afterwards (fuse or unfuse QKV) and the
     cache no longer matches, so install last. Load LoRAs before, too: a pipeline's LoRA loader would look for the
-    UNet's layers under this stand-in's names."""
+    UNet's layers under this stand-in's names.
+
+    ``skip_zero_text``: batch rows whose text embeddings are all zeros skip cross-attention (their output is
+    ``to_out(0)``), when every layer's key and value projections are bias-free; SDXL's base without a negative
+    prompt feeds zeros to the unconditional half of every guided step."""
     unet = pipe.unet
     if isinstance(unet, CrossKVCache):
         raise InvalidConfigError("this pipeline's UNet already has a cross K/V cache")
@@ -188,5 +274,6 @@ def install(pipe: Any) -> CrossKVCache:
     if not cache._layers:
         raise InvalidConfigError(f"{type(unet).__name__} has no cross-attention layers; the cross K/V cache has "
                                  f"nothing to do")
+    cache.skip_zero_text = skip_zero_text and all(zero_text_skippable(attn) for attn in cache._layers)
     object.__setattr__(pipe, "unet", cache)  # not through the pipeline's config bookkeeping: a stand-in, not a part
     return cache

@@ -95,7 +95,9 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                   fp8_geglu=True)
     kv = replace(fp8, name="cross_kv",
                  description="+ cross-attention keys and values computed once per image (they depend only on the "
-                             "text) instead of at every denoising step (sdxl_core/cross_kv.py)",
+                             "text) instead of at every denoising step, and no cross-attention for batch rows whose "
+                             "text embeddings are zeros (the base's unconditional half without a negative prompt: "
+                             "the output is to_out's bias) (sdxl_core/cross_kv.py)",
                  cache_cross_kv=True)
     return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv)
 
@@ -246,5 +248,7 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
                 install(pipe)
         pipes.kernel_backends["cross_kv_layers"] = sum(
             len(p.unet._layers) for p in (pipes.base, pipes.refiner) if p is not None)
+        pipes.kernel_backends["cross_kv_skip_zero_text"] = [
+            p.unet.skip_zero_text for p in (pipes.base, pipes.refiner) if p is not None]
     pipes.share_text_embeddings = level.share_text_embeddings
     return pipes

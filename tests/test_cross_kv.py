@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_core.cross_kv import CrossKVCache, install
+from sdxl_core.cross_kv import CrossKVCache, _row_runs, install, zero_text_skippable
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.flops import unet_inputs
 from sdxl_core.generate import GenerationRequest, generate
@@ -46,7 +46,7 @@ def test_unet_output_is_bit_identical(fused):
     sample, t, hidden, kwargs = _inputs(pipes)
     with torch.no_grad():
         ref = unet(sample, t, hidden, **kwargs)[0]
-        cache = install(pipes.base)
+        cache = install(pipes.base, skip_zero_text=False)
         assert pipes.base.unet is cache and cache.unet is unet
         out1 = cache(sample, t, encoder_hidden_states=hidden, **kwargs)[0]
         out2 = cache(sample, t, encoder_hidden_states=hidden, **kwargs)[0]
@@ -79,7 +79,7 @@ def test_image_is_unchanged_through_the_pipelines(fast_settings):
     plain = _fresh(fused=True)
     ref = generate(plain, request)
     cached = _fresh(fused=True)
-    caches = [install(cached.base), install(cached.refiner)]
+    caches = [install(cached.base, skip_zero_text=False), install(cached.refiner, skip_zero_text=False)]
     out = generate(cached, request)
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(ref.images[0]))
     assert torch.equal(out.latents, ref.latents)
@@ -125,6 +125,8 @@ def test_level_installs_on_both_unets_and_compiles(fast_settings):
             assert isinstance(pipes.base.unet, CrossKVCache) and isinstance(pipes.refiner.unet, CrossKVCache)
             assert pipes.kernel_backends["cross_kv_layers"] == len(pipes.base.unet._layers) + len(
                 pipes.refiner.unet._layers)
+            assert pipes.base.unet.zero_rows == (0,)  # compiled with the unconditional row skipped
+            assert pipes.kernel_backends["cross_kv_skip_zero_text"] == [True, True]
     from sdxl_core.numerics import image_psnr
 
     assert image_psnr(outs["cross_kv"].images[0], outs["fp8"].images[0]) > 40.0
@@ -154,3 +156,87 @@ def test_the_stand_in_copies_like_a_module():
         assert torch.equal(clone(sample, t, hidden, **kwargs)[0], cache(sample, t, hidden, **kwargs)[0])
     with pytest.raises(AttributeError):
         cache.no_such_attribute
+
+
+
+def test_row_runs():
+    assert _row_runs(2, (0,)) == [(0, 1, False), (1, 2, True)]
+    assert _row_runs(8, (0, 1, 2, 3)) == [(0, 4, False), (4, 8, True)]
+    assert _row_runs(4, (1, 2)) == [(0, 1, True), (1, 3, False), (3, 4, True)]
+    assert _row_runs(3, ()) == [(0, 3, True)]
+
+
+def _to_q_batches(unet):
+    """Batch sizes the cross-attention query projections see, recorded by hooks."""
+    seen = []
+    for m in unet.modules():
+        if getattr(m, "is_cross_attention", False):
+            m.to_q.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate_kv", "fused_kv"])
+def test_zero_text_rows_skip_cross_attention(fused):
+    """The unconditional half of a guided step without a negative prompt has all-zero text embeddings: its
+    cross-attention output is to_out's bias whatever the query, so the cache skips those rows."""
+    pipes = _fresh(fused)
+    unet = pipes.base.unet
+    sample, t, hidden, kwargs = _inputs(pipes)
+    hidden[0] = 0.0  # row 0: the unconditional half
+    with torch.no_grad():
+        ref = unet(sample, t, hidden, **kwargs)[0]
+        cache = install(pipes.base)
+        assert cache.skip_zero_text
+        seen = _to_q_batches(unet)
+        out = cache(sample, t, hidden, **kwargs)[0]
+    assert cache.zero_rows == (0,)
+    assert seen and set(seen) == {1}  # every cross-attention query projected one row, not two
+    # the kept row's GEMMs run with half the rows, so float32 rounding may differ in the last bits
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()
+    rows = cache.zero_rows
+    with torch.no_grad():
+        cache(sample, t, hidden.clone(), **kwargs)  # new text, same zero rows: the same tuple object
+    assert cache.zero_rows is rows
+    with torch.no_grad():
+        full = torch.randn_like(hidden)
+        out2 = cache(sample, t, full, **kwargs)[0]
+        assert cache.zero_rows == ()
+        assert torch.equal(out2, unet(sample, t, full, **kwargs)[0])
+
+
+def test_zero_text_skip_needs_bias_free_keys_and_values():
+    pipes = _fresh()
+    unet = pipes.base.unet
+    layer = next(m for m in unet.modules() if getattr(m, "is_cross_attention", False))
+    assert zero_text_skippable(layer)
+    biased = torch.nn.Linear(layer.to_k.in_features, layer.to_k.out_features, bias=True)
+    layer.to_k = biased
+    assert not zero_text_skippable(layer)
+    cache = install(pipes.base)
+    assert cache.skip_zero_text is False
+    sample, t, hidden, kwargs = _inputs(pipes)
+    hidden[0] = 0.0
+    with torch.no_grad():
+        ref = unet(sample, t, hidden, **kwargs)[0]
+        out = cache(sample, t, hidden, **kwargs)[0]
+    assert cache.zero_rows == () and torch.equal(out, ref)
+
+
+def test_zero_text_rows_with_a_lora_and_through_the_pipelines(fast_settings):
+    """An unfused LoRA maps zeros to zeros, so the skip holds; and the base+refiner image without a negative
+    prompt (zeros for the base's unconditional half) matches the uncached pipelines."""
+    from sdxl_core.lora import random_lora_state_dict
+
+    pipes = _fresh()
+    pipes.base.load_lora_weights(random_lora_state_dict(pipes.base.unet, rank=4, seed=1), adapter_name="t")
+    layer = next(m for m in pipes.base.unet.modules() if getattr(m, "is_cross_attention", False))
+    assert hasattr(layer.to_out[0], "base_layer") and zero_text_skippable(layer)  # a PEFT wrapper
+
+    request = GenerationRequest(PROMPT, 3, settings=fast_settings)
+    ref = generate(_fresh(fused=True), request)
+    cached = _fresh(fused=True)
+    caches = [install(cached.base), install(cached.refiner)]
+    out = generate(cached, request)
+    assert caches[0].zero_rows == (0,)
+    assert np.abs(np.asarray(out.images[0], dtype=int) - np.asarray(ref.images[0], dtype=int)).max() <= 1
+    assert torch.allclose(out.latents, ref.latents, rtol=1e-4, atol=1e-4)
