@@ -10,7 +10,8 @@ accelerate handles the device, mixed precision and gradient accumulation.
 Two departures, both for exact resumption: every random draw of a micro-step (which image, crop, flip,
 VAE sample, noise, timestep) comes from a generator seeded by ``(seed, micro_step)``, so a run resumed from
 a checkpoint sees the same data and noise as one that never stopped; and checkpoints are safetensors plus
-JSON (LoRA weights, AdamW state, step, loss curve), with nothing pickled.
+JSON (LoRA weights, AdamW state, step, loss curve), with nothing pickled. The LoRA initialisation is seeded
+from ``seed`` too, so the same command trains the same LoRA.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def dataset_hash(images: list[Path]) -> str:
     return outer.hexdigest()
 
 
-STEP_STREAM, EPOCH_STREAM = 0, 1
+STEP_STREAM, EPOCH_STREAM, INIT_STREAM = 0, 1, 2
 
 
 def _step_generator(seed: int, index: int, stream: int = STEP_STREAM) -> torch.Generator:
@@ -356,16 +357,22 @@ def _train(config: TrainConfig, image_paths: list[Path], out: Path, resume_from:
     vae.to(dtype=torch.float32)  # the script keeps the stock SDXL VAE in fp32 (it overflows in fp16)
     for enc in encoders:
         enc.to(dtype=weight_dtype)
-    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
-                                target_modules=list(UNET_TARGET_MODULES)))
     modules: dict[str, torch.nn.Module] = {"unet": unet}
-    if config.train_text_encoder:
-        te_config = LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
-                               target_modules=list(TEXT_ENCODER_TARGET_MODULES))
-        for name, enc in zip(("text_encoder", "text_encoder_2"), encoders):
-            # peft directly: transformers 5's own add_adapter asks for a peft release newer than the registry's
-            inject_adapter_in_model(te_config, enc, adapter_name="default")
-            modules[name] = enc
+    # peft draws the gaussian LoRA A matrices from the global RNG: seed it from the run's seed (as the reference
+    # script's set_seed does), inside fork_rng so the caller's RNG state is left as it was. Unseeded, two runs of
+    # the same command trained different LoRAs (the same first loss, since B starts at zero; different after).
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(_step_generator(config.seed, 0, INIT_STREAM).initial_seed())
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
+                                    target_modules=list(UNET_TARGET_MODULES)))
+        if config.train_text_encoder:
+            te_config = LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
+                                   target_modules=list(TEXT_ENCODER_TARGET_MODULES))
+            for name, enc in zip(("text_encoder", "text_encoder_2"), encoders):
+                # peft directly: transformers 5's own add_adapter asks for a peft release newer than the registry's
+                inject_adapter_in_model(te_config, enc, adapter_name="default")
+                modules[name] = enc
     if config.mixed_precision == "fp16":
         cast_training_params(list(modules.values()), dtype=torch.float32)  # LoRA weights train in fp32
     groups = [{"params": list(_trainable(unet).values()), "lr": config.learning_rate,
