@@ -96,16 +96,16 @@ def _bias_free(module: nn.Module, allow: nn.Module | None = None) -> bool:
     return all(m.bias is None for m in others)
 
 
-def _empty_text_output(attn: nn.Module) -> torch.Tensor | None:
-    """What ``attn.to_out`` makes of zeros (its base bias, or None for zeros), or ``False`` when that is not known.
+def _to_out_of_zeros(attn: nn.Module) -> tuple[bool, torch.Tensor | None]:
+    """``(known, bias)``: whether what ``attn.to_out`` makes of zeros is known, and then its base bias (None: zeros).
 
     A plain ``nn.Linear`` gives its bias; a PEFT LoRA wrapper gives its base layer's bias when its adapters have no
-    bias (a LoRA maps zeros to zeros)."""
+    bias (a LoRA maps zeros to zeros); anything else is not vouched for."""
     layer = attn.to_out[0]
     base = getattr(layer, "base_layer", layer)
     if type(base) is not nn.Linear or (layer is not base and not _bias_free(layer, allow=base)):
-        return False
-    return base.bias
+        return False, None
+    return True, base.bias
 
 
 def zero_text_skippable(attn: nn.Module) -> bool:
@@ -115,7 +115,7 @@ def zero_text_skippable(attn: nn.Module) -> bool:
         kv_free = _bias_free(attn.to_kv)
     else:
         kv_free = _bias_free(attn.to_k) and _bias_free(attn.to_v)
-    return kv_free and _empty_text_output(attn) is not False
+    return kv_free and _to_out_of_zeros(attn)[0]
 
 
 class _CachedCrossAttention:
@@ -150,7 +150,7 @@ class _CachedCrossAttention:
                 if compute:
                     pieces.append(self._attend(attn, hidden_states[lo:hi], kv[lo:hi]))
                 else:
-                    bias = _empty_text_output(attn)
+                    bias = _to_out_of_zeros(attn)[1]
                     n_out = attn.to_out[0].out_features
                     fill = (bias.to(hidden_states.dtype) if bias is not None
                             else hidden_states.new_zeros(n_out))
