@@ -28,15 +28,9 @@ from sdxl_core.errors import InvalidConfigError
 KWARG = "cross_kv"
 
 
-def _cross_attentions(unet: nn.Module) -> list[nn.Module]:
-    from diffusers.models.attention_processor import Attention
-
-    return [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
-
-
 def _check_layer(name: str, attn: nn.Module) -> None:
     """The cached path covers SDXL's cross-attention; anything else is refused with the reason."""
-    unsupported = [flag for flag, on in (("norm_cross", attn.norm_cross is not None and attn.norm_cross),
+    unsupported = [flag for flag, on in (("norm_cross", attn.norm_cross is not None),
                                          ("spatial_norm", attn.spatial_norm is not None),
                                          ("group_norm", attn.group_norm is not None),
                                          ("norm_k", getattr(attn, "norm_k", None) is not None),
@@ -96,13 +90,19 @@ def _bias_free(module: nn.Module, allow: nn.Module | None = None) -> bool:
     return all(m.bias is None for m in others)
 
 
+def _to_out_base(attn: nn.Module) -> nn.Module:
+    """The layer under ``attn.to_out[0]``: its PEFT base layer when wrapped, else itself."""
+    layer = attn.to_out[0]
+    return getattr(layer, "base_layer", layer)
+
+
 def _to_out_of_zeros(attn: nn.Module) -> tuple[bool, torch.Tensor | None]:
     """``(known, bias)``: whether what ``attn.to_out`` makes of zeros is known, and then its base bias (None: zeros).
 
     A plain ``nn.Linear`` gives its bias; a PEFT LoRA wrapper gives its base layer's bias when its adapters have no
     bias (a LoRA maps zeros to zeros); anything else is not vouched for."""
     layer = attn.to_out[0]
-    base = getattr(layer, "base_layer", layer)
+    base = _to_out_base(attn)
     if type(base) is not nn.Linear or (layer is not base and not _bias_free(layer, allow=base)):
         return False, None
     return True, base.bias
@@ -150,7 +150,8 @@ class _CachedCrossAttention:
                 if compute:
                     pieces.append(self._attend(attn, hidden_states[lo:hi], kv[lo:hi]))
                 else:
-                    bias = _to_out_of_zeros(attn)[1]
+                    # install() checked that to_out maps zeros to its base bias; only look the bias up here
+                    bias = _to_out_base(attn).bias
                     n_out = attn.to_out[0].out_features
                     fill = (bias.to(hidden_states.dtype) if bias is not None
                             else hidden_states.new_zeros(n_out))
@@ -186,7 +187,7 @@ class CrossKVCache(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self._layers: list[nn.Module] = []
+        self.layers: list[nn.Module] = []  # the cross-attention layers, in packing order
         self._key: tuple[Any, ...] | None = None
         self._packed: torch.Tensor | None = None
         self.projections_run = 0  # how many times the keys and values were computed (the tests read it)
@@ -213,7 +214,7 @@ class CrossKVCache(nn.Module):
         if scaled:  # as the UNet's forward scales PEFT LoRA layers around its own call
             scale_lora_layers(self.unet, lora_scale)
         try:
-            parts = [_project_kv(attn, encoder_hidden_states).reshape(-1) for attn in self._layers]
+            parts = [_project_kv(attn, encoder_hidden_states).reshape(-1) for attn in self.layers]
         finally:
             if scaled:
                 unscale_lora_layers(self.unet, lora_scale)
@@ -232,7 +233,7 @@ class CrossKVCache(nn.Module):
         if rows == self.zero_rows:
             return
         self.zero_rows = rows
-        for attn in self._layers:
+        for attn in self.layers:
             attn.processor.zero_rows = rows
 
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
@@ -268,12 +269,12 @@ def install(pipe: Any, skip_zero_text: bool = True) -> CrossKVCache:
             continue
         _check_layer(name, attn)
         width = _kv_width(attn)
-        cache._layers.append(attn)
+        cache.layers.append(attn)
         attn.set_processor(_CachedCrossAttention(attn.processor, offset, width))
         offset += width
-    if not cache._layers:
+    if not cache.layers:
         raise InvalidConfigError(f"{type(unet).__name__} has no cross-attention layers; the cross K/V cache has "
                                  f"nothing to do")
-    cache.skip_zero_text = skip_zero_text and all(zero_text_skippable(attn) for attn in cache._layers)
+    cache.skip_zero_text = skip_zero_text and all(zero_text_skippable(attn) for attn in cache.layers)
     object.__setattr__(pipe, "unet", cache)  # not through the pipeline's config bookkeeping: a stand-in, not a part
     return cache

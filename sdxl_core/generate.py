@@ -121,7 +121,7 @@ def set_packrat_parsing(on: bool) -> None:
     """Switch pyparsing's packrat memoisation (process-wide) on or off.
 
     compel parses every prompt with a pyparsing grammar that backtracks a lot; packrat caching returns the
-    same parse (``tests/test_optimize.py`` compares them) in about half the time (18.7 -> 10.5 ms for the
+    same parse (``tests/test_generate.py`` compares them) in about half the time (18.7 -> 10.5 ms for the
     speed suite's prompt on a 2-core CI machine)."""
     import pyparsing
 

@@ -247,7 +247,7 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
             if pipe is not None:
                 install(pipe)
         pipes.kernel_backends["cross_kv_layers"] = sum(
-            len(p.unet._layers) for p in (pipes.base, pipes.refiner) if p is not None)
+            len(p.unet.layers) for p in (pipes.base, pipes.refiner) if p is not None)
         pipes.kernel_backends["cross_kv_skip_zero_text"] = [
             p.unet.skip_zero_text for p in (pipes.base, pipes.refiner) if p is not None]
     pipes.share_text_embeddings = level.share_text_embeddings

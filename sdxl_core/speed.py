@@ -26,7 +26,8 @@ import torch
 from sdxl_core.atomicio import write_json_atomic
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.flops import WorkloadFlops, component_flops, workload_flops
-from sdxl_core.generate import GenerationOutput, GenerationRequest, GenerationSettings, PromptEncoder, generate
+from sdxl_core.generate import (GenerationOutput, GenerationRequest, GenerationSettings, PromptEncoder, check_split,
+                                generate)
 from sdxl_core.loading import Pipelines
 from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
 from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
@@ -248,7 +249,6 @@ class SpeedRunner:
     def _profile(self, pipes: Pipelines, request: GenerationRequest, encoder: PromptEncoder) -> dict[str, Any]:
         """A device timeline of one more generation, and a host-sync scan of another (both after the timed rounds,
         so they change no timing). A failure is recorded in the result, and the case's timings stand."""
-        from sdxl_core.generate import check_split
         from sdxl_core.timeline import profile_generation, scan_host_syncs
 
         s = self.settings

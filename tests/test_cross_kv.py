@@ -53,7 +53,7 @@ def test_unet_output_is_bit_identical(fused):
     assert torch.equal(out1, ref) and torch.equal(out2, ref)
     assert cache.projections_run == 1  # the second step reused the keys and values
     n_cross = sum(1 for m in unet.modules() if getattr(m, "is_cross_attention", False))
-    assert len(cache._layers) == n_cross > 0
+    assert len(cache.layers) == n_cross > 0
     assert cache.config is unet.config and cache.dtype == unet.dtype  # the pipeline's view of its UNet
 
 
@@ -123,8 +123,8 @@ def test_level_installs_on_both_unets_and_compiles(fast_settings):
         outs[name] = generate(pipes, request)
         if name == "cross_kv":
             assert isinstance(pipes.base.unet, CrossKVCache) and isinstance(pipes.refiner.unet, CrossKVCache)
-            assert pipes.kernel_backends["cross_kv_layers"] == len(pipes.base.unet._layers) + len(
-                pipes.refiner.unet._layers)
+            assert pipes.kernel_backends["cross_kv_layers"] == len(pipes.base.unet.layers) + len(
+                pipes.refiner.unet.layers)
             assert pipes.base.unet.zero_rows == (0,)  # compiled with the unconditional row skipped
             assert pipes.kernel_backends["cross_kv_skip_zero_text"] == [True, True]
     from sdxl_core.numerics import image_psnr
