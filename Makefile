@@ -7,11 +7,10 @@ STAMP := $(VENV)/.installed
 # `make bench` is the whole experiment on the embedded toy world, offline, on the CPU: the toy SDXL's own
 # "wrong" images (degraded), a LoRA trained on them, the three variants over held-out toy prompts and two seeds,
 # scored with the oracle, the toy CLIP, FID/KID/CMMD and paired statistics, and the report.
-# The dataset, reference and LoRA are reused between runs, in a folder named after the toy weights' content, so
-# that after `make train-toy` they are made again from the new weights.
-TOY_WEIGHTS := $(or $(SDXL_BENCH_TOY_WEIGHTS),sdxl_core/toy/weights)
-TOY := reports/toy-wrong-$(shell cat $(sort $(wildcard $(TOY_WEIGHTS)/base/*/*.safetensors \
-	$(TOY_WEIGHTS)/refiner/*/*.safetensors)) | sha256sum | cut -c1-12)
+# The dataset, reference and LoRA are reused between runs, in a folder named after the toy weights' content
+# (sdxl_core.presets.toy_fingerprint, which make-wrong-dataset records too; $SDXL_BENCH_TOY_WEIGHTS is honoured),
+# so that after `make train-toy` they are made again from the new weights. Computed once the venv exists.
+TOY_ID = $(shell $(VENV)/bin/python -c 'from sdxl_core.presets import toy_fingerprint; print(toy_fingerprint())')
 RUN_ID ?= bench-$(shell date +%Y%m%d-%H%M%S)
 BENCH_ARGS ?= --sdxl-seeds 0,1
 # One thread per process: on a 2-core machine an OpenMP team that loses a core to anything else stalls.
@@ -31,6 +30,8 @@ test: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q tests
 
 bench: venv
+	$(eval TOY := reports/toy-wrong-$(TOY_ID))
+	@test $(TOY) != reports/toy-wrong- || { echo "make bench: no toy weights fingerprint (the error above)"; exit 2; }
 	@mkdir -p $(TOY)
 	$(BENCH_ENV) $(VENV)/bin/sdxl-bench make-wrong-dataset --base toy --refiner toy --out $(TOY)/data \
 	    --count 24 --steps 25 --degrade blur,jpeg,noise,colour-shift,cutout --no-progress
