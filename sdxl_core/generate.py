@@ -165,11 +165,13 @@ class PromptEncoder:
 
     @staticmethod
     def embed(compel: Any, prompt: list[str], negative: list[str] | None) -> dict[str, torch.Tensor | None]:
-        embeds, pooled = compel(prompt)
-        neg_embeds = neg_pooled = None
-        if negative is not None:
-            neg_embeds, pooled_neg = compel(negative)
-            neg_pooled = pooled_neg
+        from sdxl_core.prompt_check import parse_cache_released
+
+        with parse_cache_released():  # else the parser's cache keeps the caller's frames, and the pipelines, alive
+            embeds, pooled = compel(prompt)
+            neg_embeds = neg_pooled = None
+            if negative is not None:
+                neg_embeds, neg_pooled = compel(negative)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
                 "negative_prompt_embeds": neg_embeds, "negative_pooled_prompt_embeds": neg_pooled}
 

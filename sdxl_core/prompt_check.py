@@ -36,10 +36,11 @@ Every warning is one of the templates below, formatted; each starts with its sta
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.tokenizer import MAX_LENGTH
@@ -150,7 +151,8 @@ def check_prompt(text: str, tokenizer: Any = None) -> PromptCheck:
         warnings.append(WARNINGS[DEEP_NESTING].format(depth=depth, pos=deepest + 1))
         parts = [[[_strip_syntax(text, masked)]]]
     else:
-        conjunction = _parser().parse_conjunction(text)
+        with parse_cache_released():
+            conjunction = _parser().parse_conjunction(text)
         parts = [_part_variants(p) for p in _flat_prompts(conjunction)]
     parts = [p for p in parts if any(f.strip() for fragments in p for f in fragments)]
     if not parts:
@@ -203,6 +205,22 @@ def check_prompts(prompts: Iterable[str], tokenizer: Any = None) -> list[PromptC
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def parse_cache_released() -> Iterator[None]:
+    """Empty pyparsing's packrat cache as the block ends (run compel's parser inside it).
+
+    With packrat on (``sdxl_core.generate.set_packrat_parsing``), the cache keeps the parse's exceptions, and
+    their tracebacks keep every frame that called the parser alive with its locals (for a prompt encoded in
+    ``generate``: the pipelines, and on a GPU their memory) until the next parse; pyparsing itself empties the
+    cache only when a parse starts. Each parse starts from an empty cache anyway, so nothing is lost."""
+    import pyparsing
+
+    try:
+        yield
+    finally:
+        pyparsing.ParserElement.reset_cache()
+
 
 @lru_cache(maxsize=1)
 def _parser() -> Any:

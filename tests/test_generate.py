@@ -364,3 +364,26 @@ def test_nested_parentheses_parse_in_milliseconds(tiny_pipes):
     weights = [f.weight for f in parsed.prompts[0].children]
     assert max(weights) == pytest.approx(1.1 ** 7)
     assert torch.isfinite(embeds["prompt_embeds"]).all()
+
+
+def test_generation_keeps_no_pipelines_alive(fast_settings):
+    """Once ``generate`` returns and the caller drops them, the pipelines (on a GPU, gigabytes) are freed.
+
+    pyparsing's packrat cache keeps the exceptions of a parse, and their tracebacks keep every calling frame and
+    its locals alive until the next parse; the speed suite builds each level's pipelines after dropping the last
+    level's, so a kept frame there holds two sets of weights on the card."""
+    import gc
+    import weakref
+
+    def run() -> tuple[weakref.ref, weakref.ref]:
+        pipes = load_pipelines("tiny", "tiny", device="cpu")
+        generate(pipes, GenerationRequest(PROMPT, 0, "blurry", settings=fast_settings))  # packrat on by default
+        return weakref.ref(pipes), weakref.ref(pipes.base.unet)
+
+    try:
+        pipes_ref, unet_ref = run()
+        assert pyparsing.ParserElement._packratEnabled
+        gc.collect()
+        assert pipes_ref() is None and unet_ref() is None
+    finally:
+        set_packrat_parsing(False)

@@ -365,3 +365,32 @@ def test_no_logging_or_output(caplog, capfd):
             assert caplog.records or "longer than the specified maximum" in out.err
     finally:
         transformers.utils.logging.set_verbosity(level)
+
+
+@pytest.mark.parametrize("parse", ["check_prompt", "plain_prompt"])
+def test_parsing_keeps_no_caller_alive(parse):
+    """With pyparsing's packrat cache on (as generation turns it on), a parse leaves no frame of its callers, and
+    so none of their locals, alive afterwards: the cache's exceptions and their tracebacks are dropped."""
+    import gc
+    import weakref
+
+    from sdxl_core.generate import set_packrat_parsing
+    from sdxl_core.metrics.clip import plain_prompt
+
+    fn = {"check_prompt": lambda text: check_prompt(text, tokenizer=False), "plain_prompt": plain_prompt}[parse]
+
+    class Held:
+        pass
+
+    def caller() -> weakref.ref:
+        held = Held()
+        fn("a (red)++ cat, (oil on canvas)+++ [blurry]")
+        return weakref.ref(held)
+
+    try:
+        set_packrat_parsing(True)
+        ref = caller()
+        gc.collect()
+        assert ref() is None
+    finally:
+        set_packrat_parsing(False)

@@ -70,7 +70,11 @@ def plain_prompt(text: str) -> str:
     try:
         from compel.prompt_parser import PromptParser
 
-        parts = [_flatten_compel(p) for p in PromptParser().parse_conjunction(text).prompts]
+        from sdxl_core.prompt_check import parse_cache_released
+
+        with parse_cache_released():
+            conjunction = PromptParser().parse_conjunction(text)
+        parts = [_flatten_compel(p) for p in conjunction.prompts]
         out = ", ".join(p for p in parts if p)
     except Exception:  # noqa: BLE001 - any parser failure: strip with the simple rules instead
         out = _regex_plain(text)
