@@ -17,6 +17,7 @@ import platform
 import statistics
 import time
 import traceback
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,9 +33,10 @@ from sdxl_core.loading import Pipelines
 from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
 from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 
+# 4: per-case ``released`` (whether the case's pipelines were freed when it ended);
 # 3: per-case first_call_stage_seconds and, for profiled cases, a device timeline (``profile``);
 # 2: machine info as runs record it (library versions under "libraries"); 1: torch/diffusers/... at top level.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 # A level is "equivalent" to eager when its base latents are within LATENT_REL_TOL (relative L2) and its
 # image within IMAGE_PSNR_MIN dB of eager's, and everything is finite. Measured differences are recorded.
@@ -152,6 +154,9 @@ class SpeedResult:
     kernel_backends: dict[str, Any] = field(default_factory=dict)
     first_call_stage_seconds: dict[str, float] = field(default_factory=dict)  # compilation shows up here
     profile: dict[str, Any] = field(default_factory=dict)  # sdxl_core.timeline summary of one more generation
+    # Whether the case's pipelines were freed once it ended; False: something still refers to them, and the later
+    # cases' memory (and peak) includes their weights.
+    released: bool | None = None
 
 
 @dataclass
@@ -191,9 +196,11 @@ class SpeedRunner:
             level = OptimizationLevel(**{**level.as_dict(), "fuse_lora": True})
         result = SpeedResult(case.name, level.as_dict(), case.batch_size, case.lora, status="ok")
         pipes = None
+        pipes_ref: weakref.ref | None = None
         try:
             t0 = time.perf_counter()
             pipes = self.build(level.torch_dtype)
+            pipes_ref = weakref.ref(pipes)
             if case.lora:
                 from sdxl_core.lora import random_lora_state_dict
 
@@ -241,9 +248,8 @@ class SpeedRunner:
             result.equivalence.setdefault("traceback", traceback.format_exc(limit=8))
         finally:
             del pipes
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_case(self.device)
+            result.released = pipes_ref is None or pipes_ref() is None
         return result
 
     def _profile(self, pipes: Pipelines, request: GenerationRequest, encoder: PromptEncoder) -> dict[str, Any]:
@@ -287,6 +293,19 @@ class SpeedRunner:
             check["passed"] = bool(finite and (check["latent_rel_l2"] is None or check["latent_rel_l2"] <= LATENT_REL_TOL)
                                    and check["image_psnr_db"] >= IMAGE_PSNR_MIN)
         return check
+
+
+def release_case(device: torch.device) -> None:
+    """Free what a case leaves behind before the next one builds, so that each case starts as in a fresh process
+    (the on-disk compile caches aside): its pipelines (the caller has dropped them; collected here), then all of
+    Dynamo's compiled code, guards and CUDA graph trees (``torch._dynamo.reset``: they go with the modules they were
+    compiled for when those are collected, and the reset also drops the state that is not tied to a module), then
+    the allocator's cached blocks."""
+    gc.collect()
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _first_image_only(out: GenerationOutput) -> GenerationOutput:
@@ -395,6 +414,9 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
             last_round_s = max(result.seconds_per_image or 0.0, 0.5)
         print(f"[speed] {case.name}: {result.status} {result.seconds_per_image} s/image {result.message[:200]}",
               flush=True)
+        if result.released is False:
+            print(f"[speed] {case.name}: its pipelines are still referenced after the case; the next cases' memory "
+                  f"includes their weights", flush=True)
         if result.profile:
             from sdxl_core.timeline import format_profile
 
@@ -501,9 +523,7 @@ def main_speed(args: Any) -> int:
         pipes = build(torch.float16)
         meta["fp16_check"] = finite_check(pipes, settings)
         del pipes
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_case(device)
         meta["fp16_check"]["seconds"] = time.perf_counter() - t0
         print("[speed] fp16 check:", json.dumps({k: v for k, v in meta["fp16_check"].items()
                                                if not isinstance(v, dict)}), flush=True)

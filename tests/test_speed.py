@@ -61,11 +61,11 @@ def test_case_names_and_references():
 
 def test_machine_info_is_the_provenance_runs_record():
     """Since schema 2: library versions under "libraries" (as bench runs record them), the GPU block, date and
-    device (schema 3 added per-case fields only)."""
+    device (schemas 3 and 4 added per-case fields only)."""
     from sdxl_core.provenance import library_versions
 
     info = machine_info(torch.device("cpu"))
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     assert info["libraries"] == library_versions() and info["libraries"]["diffusers"]
     assert info["gpu"] is None and info["device"] == "cpu" and info["cpu_count"] >= 1
     assert info["date"].endswith("+00:00")
@@ -163,6 +163,7 @@ def test_runner_cases_ok(results):
         assert r.flops_per_image > 0
         assert set(r.stage_seconds) == {"text_encoding", "base_denoising", "refiner_denoising", "vae_decode"}
         assert r.peak_memory_gib is None and r.mfu is None  # CPU: no memory stats, no matmul rate given
+        assert r.released is True  # nothing kept the case's pipelines (and so their weights) alive
 
 
 def test_runner_profiles_only_the_cases_asked_for(results):
@@ -186,6 +187,33 @@ def test_eager_times_compel_as_it_ships(runner):
     r = runner.run(SpeedCase("eager"))
     assert r.status == "ok", r.message
     assert r.kernel_backends["prompt_parser_packrat"] is False and not pyparsing.ParserElement._packratEnabled
+
+
+def test_a_case_starts_from_a_clean_compiler_state(runner):
+    """What an earlier case compiled is gone once a case ends: Dynamo's code caches (and CUDA graph trees) are
+    reset, as in a fresh process."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    def earlier(x):
+        return torch.sin(x) + 1
+
+    torch.compile(earlier, backend="eager", fullgraph=True)(torch.ones(3))
+    assert len(_debug_get_cache_entry_list(earlier.__code__)) == 1
+    r = runner.run(SpeedCase("eager"))
+    assert r.status == "ok" and r.released is True
+    assert _debug_get_cache_entry_list(earlier.__code__) == []
+
+
+def test_a_case_whose_pipelines_stay_referenced_says_so():
+    kept = []
+
+    def build_and_keep(dtype: torch.dtype):
+        kept.append(build_tiny(dtype))
+        return kept[-1]
+
+    runner = SpeedRunner(build=build_and_keep, device=torch.device("cpu"), settings=SETTINGS, rounds=1, warmup=1)
+    r = runner.run(SpeedCase("eager"))
+    assert r.status == "ok" and r.released is False
 
 
 def test_first_call_stage_seconds_are_recorded(results):
