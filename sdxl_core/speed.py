@@ -44,6 +44,8 @@ LATENT_REL_TOL = 0.1
 IMAGE_PSNR_MIN = 25.0
 # Seconds a profiled case needs beyond its two extra generations: the profiler's trace of ~80k kernels.
 PROFILE_OVERHEAD_S = 30.0
+# What a case's profile says in the result file while it is still running (replaced when the case ends).
+PROFILE_UNFINISHED = "not finished: the run stopped while this case's profile was being taken"
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,9 @@ class SpeedRunner:
     def flops_per_image(self, batch_size: int) -> float:
         return self.workload(batch_size).total / batch_size
 
-    def run(self, case: SpeedCase) -> SpeedResult:
+    def run(self, case: SpeedCase, on_timed: Callable[[SpeedResult], None] | None = None) -> SpeedResult:
+        """Build, warm up, time and check one case; ``on_timed(result)`` is called with the timings before the
+        extra profiled generations of a ``profile_cases`` case (so a caller can save them first)."""
         level = get_level(case.level)
         if case.lora == "fused":
             level = OptimizationLevel(**{**level.as_dict(), "fuse_lora": True})
@@ -241,6 +245,8 @@ class SpeedRunner:
             result.equivalence = self._check(case, out)
             self.outputs[case.name] = _first_image_only(out)
             if case.name in self.profile_cases:
+                if on_timed is not None:
+                    on_timed(result)
                 result.profile = self._profile(pipes, request, encoder)
         except Exception as exc:  # one failed case is an error row; the others go on
             result.status = "error"
@@ -409,7 +415,13 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
                 write_json_atomic(out_path, payload)
                 continue
         print(f"[speed] {case.name} ...", flush=True)
-        result = runner.run(case)
+
+        def save_timed(timed: SpeedResult) -> None:
+            """The case's timings on disk before its profile runs: a run stopped there keeps them."""
+            row = asdict(timed) | {"profile": {"error": PROFILE_UNFINISHED}}
+            write_json_atomic(out_path, {**payload, "results": [*payload["results"], row]})
+
+        result = runner.run(case, on_timed=save_timed)
         if result.status == "ok" and get_level(case.level).compile_mode is None:
             last_round_s = max(result.seconds_per_image or 0.0, 0.5)
         print(f"[speed] {case.name}: {result.status} {result.seconds_per_image} s/image {result.message[:200]}",

@@ -13,8 +13,8 @@ import torch
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import GenerationSettings
 from sdxl_core.loading import load_pipelines
-from sdxl_core.speed import (IMAGE_PSNR_MIN, SCHEMA_VERSION, SpeedCase, SpeedResult, SpeedRunner, default_cases,
-                             machine_info, parse_case, profiled_cases, render_table, run_speed_suite)
+from sdxl_core.speed import (IMAGE_PSNR_MIN, PROFILE_UNFINISHED, SCHEMA_VERSION, SpeedCase, SpeedResult, SpeedRunner,
+                             default_cases, machine_info, parse_case, profiled_cases, render_table, run_speed_suite)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +286,26 @@ def test_an_error_in_one_case_does_not_stop_the_next(runner, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # no temporary file left
     table = render_table(on_disk)
     assert "ERROR: RuntimeError: no bf16 today" in table
+
+
+def test_a_run_stopped_while_profiling_keeps_the_case_timings(runner, tmp_path):
+    """The timings are on disk before the extra profiled generations start: a run killed there (a device call's
+    time limit) keeps them, and the file says the profile did not finish."""
+    stopping = copy.copy(runner)
+    stopping.outputs = {}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("the call's time limit")
+
+    stopping._profile = killed
+    with pytest.raises(KeyboardInterrupt):
+        run_speed_suite(stopping, [SpeedCase("eager"), SpeedCase("bf16")], tmp_path / "speed.json", {})
+    on_disk = json.loads((tmp_path / "speed.json").read_text())
+    eager, bf16 = on_disk["results"]
+    assert eager["status"] == "ok" and eager["profile"] == {}
+    assert bf16["status"] == "ok" and bf16["seconds_per_image"] > 0 and bf16["equivalence"]["passed"] is True
+    assert bf16["profile"] == {"error": PROFILE_UNFINISHED}
+    assert "bf16" in render_table(on_disk)  # the table renders from the file as it was left
 
 
 def test_deadline_skips_cases_that_cannot_finish(runner, tmp_path):
