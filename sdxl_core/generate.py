@@ -13,6 +13,7 @@ import torch
 
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.loading import Pipelines
+from sdxl_core.prompt_check import parse_cache_released, set_packrat_parsing
 
 
 @dataclass(frozen=True)
@@ -117,20 +118,6 @@ class StageClock:
         return out
 
 
-def set_packrat_parsing(on: bool) -> None:
-    """Switch pyparsing's packrat memoisation (process-wide) on or off.
-
-    compel parses every prompt with a pyparsing grammar that backtracks a lot; packrat caching returns the
-    same parse (``tests/test_generate.py`` compares them) in about half the time (18.7 -> 10.5 ms for the
-    speed suite's prompt on a 2-core CI machine)."""
-    import pyparsing
-
-    if on:
-        pyparsing.ParserElement.enable_packrat()
-    else:
-        pyparsing.ParserElement.disable_memoization()
-
-
 class PromptEncoder:
     """Compel embeddings for the base (two encoders, pooled from encoder 2) and the refiner (encoder 2 only).
 
@@ -165,8 +152,6 @@ class PromptEncoder:
 
     @staticmethod
     def embed(compel: Any, prompt: list[str], negative: list[str] | None) -> dict[str, torch.Tensor | None]:
-        from sdxl_core.prompt_check import parse_cache_released
-
         with parse_cache_released():  # else the parser's cache keeps the caller's frames, and the pipelines, alive
             embeds, pooled = compel(prompt)
             neg_embeds = neg_pooled = None

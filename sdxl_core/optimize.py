@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from sdxl_core.errors import InvalidConfigError
-from sdxl_core.generate import set_packrat_parsing
 from sdxl_core.loading import DTYPES, Pipelines
+from sdxl_core.prompt_check import set_packrat_parsing
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 

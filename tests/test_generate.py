@@ -13,9 +13,10 @@ import torch
 
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import (GenerationRequest, GenerationSettings, PromptEncoder, check_prompts, generate,
-                                refiner_embeds_from_base, set_packrat_parsing, with_settings)
+                                refiner_embeds_from_base, with_settings)
 from sdxl_core.loading import load_pipelines
 from sdxl_core.numerics import image_psnr
+from sdxl_core.prompt_check import set_packrat_parsing
 
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 

@@ -15,7 +15,7 @@ import torch
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.prompt_check import (A1111_BRACKETS, A1111_LORA, A1111_WEIGHT, DEEP_NESTING, MAX_PARSE_DEPTH,
                                     OPERATOR_AS_TEXT, TOO_LONG, UNBALANCED_PARENTHESIS, WARNINGS, PromptCheck,
-                                    check_prompt, check_prompts)
+                                    check_prompt, check_prompts, set_packrat_parsing)
 from sdxl_core.tokenizer import build_clip_tokenizer
 
 SHORT = "a majestic wolf in a misty forest at dawn, highly detailed"
@@ -374,7 +374,6 @@ def test_parsing_keeps_no_caller_alive(parse):
     import gc
     import weakref
 
-    from sdxl_core.generate import set_packrat_parsing
     from sdxl_core.metrics.clip import plain_prompt
 
     fn = {"check_prompt": lambda text: check_prompt(text, tokenizer=False), "plain_prompt": plain_prompt}[parse]

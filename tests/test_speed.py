@@ -181,7 +181,7 @@ def test_eager_times_compel_as_it_ships(runner):
     the cache even when the process had it on."""
     import pyparsing
 
-    from sdxl_core.generate import set_packrat_parsing
+    from sdxl_core.prompt_check import set_packrat_parsing
 
     set_packrat_parsing(True)
     r = runner.run(SpeedCase("eager"))
