@@ -96,16 +96,14 @@ def _to_out_base(attn: nn.Module) -> nn.Module:
     return getattr(layer, "base_layer", layer)
 
 
-def _to_out_of_zeros(attn: nn.Module) -> tuple[bool, torch.Tensor | None]:
-    """``(known, bias)``: whether what ``attn.to_out`` makes of zeros is known, and then its base bias (None: zeros).
+def _to_out_maps_zeros_to_bias(attn: nn.Module) -> bool:
+    """Whether ``attn.to_out`` is known to make its base layer's bias (zeros without one) of zeros.
 
-    A plain ``nn.Linear`` gives its bias; a PEFT LoRA wrapper gives its base layer's bias when its adapters have no
-    bias (a LoRA maps zeros to zeros); anything else is not vouched for."""
+    A plain ``nn.Linear`` does; a PEFT LoRA wrapper does when its adapters have no bias (a LoRA maps zeros to
+    zeros); anything else is not vouched for."""
     layer = attn.to_out[0]
     base = _to_out_base(attn)
-    if type(base) is not nn.Linear or (layer is not base and not _bias_free(layer, allow=base)):
-        return False, None
-    return True, base.bias
+    return type(base) is nn.Linear and (layer is base or _bias_free(layer, allow=base))
 
 
 def zero_text_skippable(attn: nn.Module) -> bool:
@@ -115,7 +113,7 @@ def zero_text_skippable(attn: nn.Module) -> bool:
         kv_free = _bias_free(attn.to_kv)
     else:
         kv_free = _bias_free(attn.to_k) and _bias_free(attn.to_v)
-    return kv_free and _to_out_of_zeros(attn)[0]
+    return kv_free and _to_out_maps_zeros_to_bias(attn)
 
 
 class _CachedCrossAttention:

@@ -243,12 +243,8 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
     if level.cache_cross_kv:  # last: it records the attention layout that fusion and LoRA set up
         from sdxl_core.cross_kv import install
 
-        for pipe in (pipes.base, pipes.refiner):
-            if pipe is not None:
-                install(pipe)
-        pipes.kernel_backends["cross_kv_layers"] = sum(
-            len(p.unet.layers) for p in (pipes.base, pipes.refiner) if p is not None)
-        pipes.kernel_backends["cross_kv_skip_zero_text"] = [
-            p.unet.skip_zero_text for p in (pipes.base, pipes.refiner) if p is not None]
+        caches = [install(pipe) for pipe in (pipes.base, pipes.refiner) if pipe is not None]
+        pipes.kernel_backends["cross_kv_layers"] = sum(len(cache.layers) for cache in caches)
+        pipes.kernel_backends["cross_kv_skip_zero_text"] = [cache.skip_zero_text for cache in caches]
     pipes.share_text_embeddings = level.share_text_embeddings
     return pipes
