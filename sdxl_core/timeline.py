@@ -125,6 +125,8 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
         k[1] += 1
     kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
     span = (markers[-1] - markers[0]) / 1e3
+    idle = idle_breakdown(all_gaps, top)
+    idle["memset_memcpy_next"] = copies_next_kernel(inside_all, top)
     busy = union_us(inside_all) / 1e3
     return {
         "span_ms": span, "busy_ms": busy, "idle_ms": span - busy, "kernels": len(inside_all),
@@ -133,7 +135,48 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
         "per_class": dict(sorted(per_class.items(), key=lambda kv: -kv[1]["ms"])),
         "top_kernels": [{"name": n[:160], "class": classify(n), "ms": v[0], "launches": v[1]} for n, v in kernels],
         "largest_gaps": sorted(all_gaps, key=lambda g: -g["ms"])[:top_gaps],
+        "idle": idle,
     }
+
+
+# Upper bounds (microseconds) of the gap-size bins: a few us is the device's own pace between kernels queued
+# ahead (inside a CUDA graph, say); tens of us and more is the device waiting for the host.
+GAP_BINS_US = (2.0, 5.0, 20.0, 100.0, 1000.0, float("inf"))
+
+
+def _side(name: str) -> str:
+    return name if name.startswith("(stage") else classify(name)
+
+
+def idle_breakdown(gaps: Sequence[dict[str, Any]], top: int = 15) -> dict[str, Any]:
+    """Idle time of ``gaps`` (from :func:`_gaps`) by gap size and by the classes of the kernels on either side.
+
+    Many gaps of a microsecond or two between kernels of a step are the device's pace through queued work
+    (fewer kernels is the lever); a few long ones are the host (a sync, Python, a copy from pageable memory)."""
+    bins = [{"up_to_us": b, "gaps": 0, "ms": 0.0} for b in GAP_BINS_US]
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for g in gaps:
+        us = g["ms"] * 1e3
+        slot = next(b for b in bins if us <= b["up_to_us"])
+        slot["gaps"] += 1
+        slot["ms"] += g["ms"]
+        p = pairs.setdefault((_side(g["after"]), _side(g["before"])), [0.0, 0])
+        p[0] += g["ms"]
+        p[1] += 1
+    ranked = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"by_size": [dict(b, up_to_us=None if b["up_to_us"] == float("inf") else b["up_to_us"]) for b in bins],
+            "by_neighbours": [{"after": a, "before": b, "ms": v[0], "gaps": v[1]} for (a, b), v in ranked]}
+
+
+def copies_next_kernel(items: Sequence[Interval], top: int = 15) -> list[dict[str, Any]]:
+    """For each memset and copy, the kernel that runs next on the device (its consumer, usually), counted by name:
+    which operations ask for the memsets and copies."""
+    ordered = sorted(items, key=lambda i: i.start_us)
+    nexts: Counter[str] = Counter()
+    for it, after in zip(ordered, ordered[1:] + [None]):
+        if classify(it.name) == "memset/memcpy":
+            nexts[f"{it.name[:40]} -> {after.name[:100] if after else '(end)'}"] += 1
+    return [{"pair": k, "count": v} for k, v in nexts.most_common(top)]
 
 
 def _device_intervals(prof: Any, cuda: bool) -> tuple[list[Interval], list[float]]:
@@ -241,6 +284,15 @@ def format_profile(summary: dict[str, Any], top: int = 8) -> str:
         lines.append(f"  {k['ms']:8.2f} ms {k['launches']:5d}x  {k['class'][:10]:10s} {k['name'][:100]}")
     for g in summary["largest_gaps"][:3]:
         lines.append(f"  gap {g['ms']:.2f} ms in {g['stage']} at {g['at_ms']:.1f} ms: {g['after'][:50]} -> {g['before'][:50]}")
+    idle = summary.get("idle")
+    if idle:
+        lines.append("  idle by gap size: " + ", ".join(
+            f"<={b['up_to_us']:g} us {b['ms']:.1f} ms/{b['gaps']}" if b["up_to_us"] is not None
+            else f">1 ms {b['ms']:.1f} ms/{b['gaps']}" for b in idle["by_size"]))
+        lines.append("  idle between: " + ", ".join(f"{d['after']} -> {d['before']} {d['ms']:.1f} ms/{d['gaps']}"
+                                                    for d in idle["by_neighbours"][:6]))
+        for d in idle["memset_memcpy_next"][:4]:
+            lines.append(f"  {d['count']:6d}x {d['pair'][:140]}")
     lines += [f"  note: {n}" for n in summary.get("notes", [])]
     syncs = summary.get("host_syncs", {})
     if syncs.get("applicable"):

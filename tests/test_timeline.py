@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdxl_core.generate import GenerationRequest, StageClock, check_split, generate
-from sdxl_core.timeline import (Interval, classify, format_profile, profile_generation, scan_host_syncs, summarize,
+from sdxl_core.timeline import (Interval, classify, copies_next_kernel, format_profile, profile_generation, scan_host_syncs, summarize,
                                 union_us)
 
 
@@ -62,6 +62,35 @@ def test_summarize_a_hand_made_timeline():
                        "before": "cudnn_generated_fort_native_sdpa_flash", "stage": "base_denoising"}
     assert gaps[1]["before"] == "(stage end)" and gaps[1]["stage"] == "text_encoding"
     assert "base_denoising" in format_profile(s) and "per step 0.15 ms" in format_profile(s)
+
+
+def test_idle_is_broken_down_by_gap_size_and_neighbours():
+    # text 0-100: gaps 0-10 (10 us), 30-50 (20), 60-100 (40); base 100-400: 250-300 (50), 390-400 (10)
+    items = [Interval("clip_gemm_kernel", 10, 30), Interval("triton_poi_fused_gelu", 50, 60),
+             Interval("nvjet_sm90_tst_gemm", 100, 200), Interval("nvjet_sm90_tst_gemm", 150, 250),
+             Interval("cudnn_generated_fort_native_sdpa_flash", 300, 390)]
+    s = summarize(items, [0, 100, 400], ["text_encoding", "base_denoising", "end"])
+    idle = s["idle"]
+    by_size = {b["up_to_us"]: (b["gaps"], round(b["ms"] * 1e3)) for b in idle["by_size"]}
+    assert by_size == {2.0: (0, 0), 5.0: (0, 0), 20.0: (3, 40), 100.0: (2, 90), 1000.0: (0, 0), None: (0, 0)}
+    assert sum(b["ms"] for b in idle["by_size"]) == pytest.approx(s["idle_ms"])  # the gaps tile the idle time
+    pairs = {(d["after"], d["before"]): (d["gaps"], round(d["ms"] * 1e3)) for d in idle["by_neighbours"]}
+    assert pairs == {("gemm", "attention"): (1, 50), ("triton (fused pointwise/norm)", "(stage end)"): (1, 40),
+                     ("gemm", "triton (fused pointwise/norm)"): (1, 20), ("(stage start)", "gemm"): (1, 10),
+                     ("attention", "(stage end)"): (1, 10)}
+    assert idle["memset_memcpy_next"] == []
+
+
+def test_memsets_and_copies_are_counted_with_the_kernel_after_them():
+    items = [Interval("Memset (Device)", 0, 1), Interval("nvjet_sm90_gemm", 2, 5),
+             Interval("Memset (Device)", 6, 7), Interval("nvjet_sm90_gemm", 8, 9),
+             Interval("Memcpy DtoD (Device -> Device)", 10, 11), Interval("triton_poi_fused_add", 12, 13),
+             Interval("Memset (Device)", 14, 15)]
+    pairs = {d["pair"]: d["count"] for d in copies_next_kernel(items)}
+    assert pairs == {"Memset (Device) -> nvjet_sm90_gemm": 2,
+                     "Memcpy DtoD (Device -> Device) -> triton_poi_fused_add": 1, "Memset (Device) -> (end)": 1}
+    text = format_profile(summarize(items, [0, 20], ["base_denoising", "end"]))
+    assert "2x Memset (Device) -> nvjet_sm90_gemm" in text and "idle by gap size" in text
 
 
 def test_summarize_refuses_markers_that_do_not_fit():
