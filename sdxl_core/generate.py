@@ -215,10 +215,11 @@ def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncode
     common = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, width=s.width, height=s.height)
     base_kwargs = dict(common, **base_text, generator=generators(),
                        cross_attention_kwargs={"scale": request.lora_scale})
+    final = {"output_type": "pt"} if pipes.images_on_device else {}
     if pipes.refiner is None:
         latents = None
         with _vae_mark(pipes.base.vae, clock):
-            images = pipes.base(**base_kwargs).images
+            images = pipes.base(**base_kwargs, **final).images
     else:
         base_kwargs.update(denoising_end=s.high_noise_frac, output_type="latent")
         latents = pipes.base(**base_kwargs).images
@@ -226,9 +227,24 @@ def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncode
         refiner_kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, **refiner_text,
                               denoising_start=s.high_noise_frac, image=latents, generator=generators())
         with _vae_mark(pipes.refiner.vae, clock):
-            images = pipes.refiner(**refiner_kwargs).images
+            images = pipes.refiner(**refiner_kwargs, **final).images
+    if pipes.images_on_device:
+        images = pil_from_device(images)
     clock.mark("end")
     return GenerationOutput(images=list(images), latents=latents, stage_seconds=clock.durations())
+
+
+def pil_from_device(images: torch.Tensor) -> list[Any]:
+    """PIL images from the denormalised ``[0, 1]`` batch that diffusers returns for ``output_type="pt"``, by
+    diffusers' own arithmetic (``VaeImageProcessor.numpy_to_pil(pt_to_numpy(images))``: float32, times 255,
+    round half to even, to uint8) done where the tensor is; only the 8-bit image is copied to the host. The
+    pixels are the same as diffusers' ``output_type="pil"``."""
+    from PIL import Image
+
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(image.squeeze(-1)) for image in pixels]  # 2-D uint8: mode "L"
+    return [Image.fromarray(image) for image in pixels]
 
 
 @contextlib.contextmanager

@@ -32,6 +32,9 @@ class Pipelines:
     # The refiner takes its text_encoder_2 embeddings from the base's compel output instead of encoding
     # the prompt again (they are the same computation on the same shared encoder).
     share_text_embeddings: bool = False
+    # The final image goes from the VAE's float output to 8 bits on the device (diffusers' arithmetic), and only
+    # the 8-bit image crosses to the host, instead of diffusers' float conversion on the CPU.
+    images_on_device: bool = False
     # Process-wide kernel choices the last optimisation level made (SDPA backend order, cuDNN autotuning).
     kernel_backends: dict[str, Any] = field(default_factory=dict)
 

@@ -13,7 +13,7 @@ import torch
 
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import (GenerationRequest, GenerationSettings, PromptEncoder, check_prompts, generate,
-                                refiner_embeds_from_base, with_settings)
+                                pil_from_device, refiner_embeds_from_base, with_settings)
 from sdxl_core.loading import load_pipelines
 from sdxl_core.numerics import image_psnr
 from sdxl_core.prompt_check import set_packrat_parsing
@@ -308,6 +308,38 @@ def test_shared_text_embeddings_give_the_same_pixels(tiny_pipes, fast_settings, 
     torch.testing.assert_close(out.latents, plain.latents, rtol=0, atol=0)
     # the refiner's compel pass over text_encoder_2 is skipped
     assert len(calls) < plain_calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_images_from_the_device_are_diffusers_pixels(dtype, channels):
+    """``pil_from_device`` against diffusers' own ``output_type="pil"`` conversion of the same tensor, on values
+    that straddle every rounding boundary (k + 0.5) / 255, both ends of [0, 1] and random ones."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    g = torch.Generator().manual_seed(0)
+    edges = (torch.arange(256, dtype=torch.float64) + 0.5) / 255
+    values = torch.cat([edges, edges - 1e-6, edges + 1e-6, torch.tensor([0.0, 1.0]),
+                        torch.rand(4096 - 3 * 256 - 2, generator=g, dtype=torch.float64)]).clamp(0, 1)
+    images = values.reshape(1, 1, 64, 64).expand(2, channels, 64, 64).to(dtype).contiguous()
+    images[1] = images[1].flip(-1)
+    ours = pil_from_device(images)
+    theirs = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+    assert [im.mode for im in ours] == [im.mode for im in theirs] == ["RGB" if channels == 3 else "L"] * 2
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(pixels(a), pixels(b))
+    assert len(set(pixels(ours[0]).ravel().tolist())) > 200  # the values did cover the 8-bit range
+
+
+@pytest.mark.parametrize("with_refiner", [True, False])
+def test_images_converted_on_the_device_are_the_same_pixels(tiny_pipes, fast_settings, encoder, with_refiner):
+    plain = tiny_pipes if with_refiner else dataclasses.replace(tiny_pipes, refiner=None)
+    on_device = dataclasses.replace(plain, images_on_device=True)  # same modules, new flag
+    request = GenerationRequest(PROMPT, 5, settings=fast_settings)
+    a, b = generate(plain, request, encoder), generate(on_device, request, encoder)
+    assert b.images[0].size == a.images[0].size and b.images[0].mode == a.images[0].mode
+    np.testing.assert_array_equal(pixels(b.images[0]), pixels(a.images[0]))
+    assert set(b.stage_seconds) == set(a.stage_seconds)
 
 
 def test_packrat_parsing_gives_the_same_parse():

@@ -15,7 +15,7 @@ from sdxl_core.numerics import image_psnr
 from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level, set_kernel_backends
 
 ORDER = ["eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile", "cudagraphs",
-         "max", "fp8", "cross_kv"]
+         "max", "fp8", "cross_kv", "host"]
 EAGER_LEVELS = ORDER[:7]  # no torch.compile: fine on a CPU
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 SEED = 3
@@ -80,7 +80,8 @@ def test_levels_are_cumulative():
             assert changed == ["compile_mode"], (cur.name, changed)
         assert not cur.fuse_lora
         # booleans only ever switch one way along the ladder
-        for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser", "cache_cross_kv"):
+        for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser", "cache_cross_kv",
+                  "images_on_device"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
@@ -88,24 +89,25 @@ def test_levels_are_cumulative():
 
 
 FLAGS = ("dtype", "sdpa", "channels_last", "fused_qkv", "vae_upcast", "cudnn", "compile_mode", "fp8_geglu",
-         "packrat_parser", "cache_cross_kv")
+         "packrat_parser", "cache_cross_kv", "images_on_device")
 
 
 def test_level_flag_progression():
     table = {n: tuple(getattr(LEVELS[n], f) for f in FLAGS) for n in ORDER}
     assert table == {
-        "eager": ("float16", False, False, False, True, False, None, False, False, False),
-        "sdpa": ("float16", True, False, False, True, False, None, False, False, False),
-        "vae_no_upcast": ("float16", True, False, False, False, False, None, False, False, False),
-        "bf16": ("bfloat16", True, False, False, False, False, None, False, False, False),
-        "channels_last": ("bfloat16", True, True, False, False, False, None, False, False, False),
-        "fused_qkv": ("bfloat16", True, True, True, False, False, None, False, False, False),
-        "cudnn": ("bfloat16", True, True, True, False, True, None, False, False, False),
-        "compile": ("bfloat16", True, True, True, False, True, "default", False, False, False),
-        "cudagraphs": ("bfloat16", True, True, True, False, True, "reduce-overhead", False, False, False),
-        "max": ("bfloat16", True, True, True, False, True, "reduce-overhead", False, True, False),
-        "fp8": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, False),
-        "cross_kv": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True),
+        "eager": ("float16", False, False, False, True, False, None, False, False, False, False),
+        "sdpa": ("float16", True, False, False, True, False, None, False, False, False, False),
+        "vae_no_upcast": ("float16", True, False, False, False, False, None, False, False, False, False),
+        "bf16": ("bfloat16", True, False, False, False, False, None, False, False, False, False),
+        "channels_last": ("bfloat16", True, True, False, False, False, None, False, False, False, False),
+        "fused_qkv": ("bfloat16", True, True, True, False, False, None, False, False, False, False),
+        "cudnn": ("bfloat16", True, True, True, False, True, None, False, False, False, False),
+        "compile": ("bfloat16", True, True, True, False, True, "default", False, False, False, False),
+        "cudagraphs": ("bfloat16", True, True, True, False, True, "reduce-overhead", False, False, False, False),
+        "max": ("bfloat16", True, True, True, False, True, "reduce-overhead", False, True, False, False),
+        "fp8": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, False, False),
+        "cross_kv": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, False),
+        "host": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
     }
     assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
@@ -148,6 +150,7 @@ def test_apply_level_on_tiny(name, fast_settings, fp32_image):
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) == level.channels_last
     assert pipes.base.vae.config.force_upcast == level.vae_upcast
     assert pipes.share_text_embeddings == level.share_text_embeddings
+    assert pipes.images_on_device == level.images_on_device
     assert pipes.refiner.vae is pipes.base.vae and pipes.refiner.text_encoder_2 is pipes.base.text_encoder_2
 
     out = generate(pipes, GenerationRequest(PROMPT, SEED, settings=fast_settings))
