@@ -42,7 +42,7 @@ DEFAULT_PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++,
 # image within IMAGE_PSNR_MIN dB of eager's, and everything is finite. Measured differences are recorded.
 LATENT_REL_TOL = 0.1
 IMAGE_PSNR_MIN = 25.0
-# Seconds a profiled case needs beyond its two extra generations: the profiler's trace of ~80k kernels.
+# Seconds a profiled case needs beyond its three extra generations: the profiler's trace of ~80k kernels.
 PROFILE_OVERHEAD_S = 30.0
 # What a case's profile says in the result file while it is still running (replaced when the case ends).
 PROFILE_UNFINISHED = "not finished: the run stopped while this case's profile was being taken"
@@ -259,9 +259,9 @@ class SpeedRunner:
         return result
 
     def _profile(self, pipes: Pipelines, request: GenerationRequest, encoder: PromptEncoder) -> dict[str, Any]:
-        """A device timeline of one more generation, and a host-sync scan of another (both after the timed rounds,
-        so they change no timing). A failure is recorded in the result, and the case's timings stand."""
-        from sdxl_core.timeline import profile_generation, scan_host_syncs
+        """A device timeline of one more generation, a host-sync scan of another and a host (cProfile) profile of a
+        third (all after the timed rounds, so they change no timing). A failure is recorded in the result, and the case's timings stand."""
+        from sdxl_core.timeline import profile_generation, profile_host, scan_host_syncs
 
         s = self.settings
         if pipes.refiner is not None:
@@ -273,6 +273,7 @@ class SpeedRunner:
         try:
             summary = profile_generation(lambda clock: generate(pipes, request, encoder, clock), self.device, steps)
             summary["host_syncs"] = scan_host_syncs(lambda: generate(pipes, request, encoder), self.device)
+            summary["host_profile"] = profile_host(lambda: generate(pipes, request, encoder))
         except Exception as exc:
             summary = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
         summary["seconds"] = time.perf_counter() - t0
@@ -405,7 +406,7 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
             per_round = last_round_s * case.batch_size * (0.5 if compiled else 1.0)
             need = estimated_overhead_s(case, payload["results"]) + (runner.warmup + runner.rounds) * per_round
             if case.name in runner.profile_cases:
-                need += PROFILE_OVERHEAD_S + 2 * per_round
+                need += PROFILE_OVERHEAD_S + 3 * per_round
             left = deadline - time.time()
             if left < need:
                 skipped = SpeedResult(case.name, get_level(case.level).as_dict(), case.batch_size, case.lora,

@@ -4,7 +4,8 @@ The profiled generation marks each stage boundary on the device's own timeline (
 CUDA, an instant profiler range on the CPU), so every kernel falls in a stage by stream order alone. The
 summary is computed by :func:`summarize` from plain ``(name, start, end)`` intervals, which keeps the arithmetic
 testable without a GPU; :func:`profile_generation` and :func:`scan_host_syncs` collect the intervals and the
-syncs with ``torch.profiler`` and ``torch.cuda.set_sync_debug_mode``.
+syncs with ``torch.profiler`` and ``torch.cuda.set_sync_debug_mode``; :func:`profile_host` says where the host's
+own time goes, by Python function.
 """
 
 from __future__ import annotations
@@ -268,6 +269,36 @@ def scan_host_syncs(run: Callable[[], Any], device: torch.device, top: int = 20)
             "by_line": [{"where": k, "count": v} for k, v in where.most_common(top)]}
 
 
+def _where(key: tuple[str, int, str]) -> str:
+    file, line, func = key
+    if file == "~":  # a built-in (a C function or method)
+        return func
+    return f"{'/'.join(file.replace(chr(92), '/').split('/')[-2:])}:{line}({func})"
+
+
+def profile_host(run: Callable[[], Any], top: int = 20) -> dict[str, Any]:
+    """Where the host's time goes in one call of ``run()``, by Python function (``cProfile``): own time and time
+    including callees, in milliseconds. A call that waits for the device (a sync, a copy to the host) shows the
+    wait as its own time. cProfile slows Python-heavy code (about 2x), so compare rows with each other."""
+    import cProfile
+    import pstats
+    import time
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        run()
+    finally:
+        prof.disable()
+    wall = time.perf_counter() - t0
+    rows = [{"where": _where(key), "calls": nc, "own_ms": tt * 1e3, "cumulative_ms": ct * 1e3}
+            for key, (_cc, nc, tt, ct, _callers) in pstats.Stats(prof).stats.items()]
+    return {"wall_s": wall,
+            "by_own": sorted(rows, key=lambda r: -r["own_ms"])[:top],
+            "by_cumulative": sorted(rows, key=lambda r: -r["cumulative_ms"])[:top]}
+
+
 def format_profile(summary: dict[str, Any], top: int = 8) -> str:
     """A few lines for the log: per stage span, busy and idle time, kernels per step; classes; top kernels; syncs."""
     if "error" in summary:
@@ -294,6 +325,10 @@ def format_profile(summary: dict[str, Any], top: int = 8) -> str:
         for d in idle["memset_memcpy_next"][:4]:
             lines.append(f"  {d['count']:6d}x {d['pair'][:140]}")
     lines += [f"  note: {n}" for n in summary.get("notes", [])]
+    host = summary.get("host_profile")
+    if host:
+        lines.append(f"  host (cProfile, {host['wall_s'] * 1e3:.0f} ms in all): own time")
+        lines += [f"    {r['own_ms']:8.1f} ms {r['calls']:6d}x {r['where'][:110]}" for r in host["by_own"][:top]]
     syncs = summary.get("host_syncs", {})
     if syncs.get("applicable"):
         lines.append(f"  host syncs: {syncs['syncs']}" + "".join(f"\n    {d['count']}x {d['where'][-150:]}"

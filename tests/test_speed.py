@@ -172,6 +172,9 @@ def test_runner_profiles_only_the_cases_asked_for(results):
     assert list(profile["stages"]) == ["text_encoding", "base_denoising", "refiner_denoising", "vae_decode"]
     assert profile["stages"]["base_denoising"]["steps"] + profile["stages"]["refiner_denoising"]["steps"] == 4
     assert profile["host_syncs"]["applicable"] is False and profile["seconds"] > 0
+    host = profile["host_profile"]  # the third extra generation, under cProfile
+    assert any(r["where"].endswith("(generate)") for r in host["by_cumulative"])
+    assert 0 < host["by_cumulative"][0]["cumulative_ms"] <= host["wall_s"] * 1e3 * 1.01
     assert all(not r.profile for name, r in results.items() if name != "bf16")
     json.dumps(asdict(results["bf16"]))  # the profile is plain JSON
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from sdxl_core.generate import GenerationRequest, StageClock, check_split, generate
-from sdxl_core.timeline import (Interval, classify, copies_next_kernel, format_profile, profile_generation, scan_host_syncs, summarize,
-                                union_us)
+from sdxl_core.timeline import (Interval, classify, copies_next_kernel, format_profile, profile_generation,
+                                profile_host, scan_host_syncs, summarize, union_us)
 
 
 def _brute_union(items: list[Interval], resolution: float = 1.0) -> float:
@@ -91,6 +92,29 @@ def test_memsets_and_copies_are_counted_with_the_kernel_after_them():
                      "Memcpy DtoD (Device -> Device) -> triton_poi_fused_add": 1, "Memset (Device) -> (end)": 1}
     text = format_profile(summarize(items, [0, 20], ["base_denoising", "end"]))
     assert "2x Memset (Device) -> nvjet_sm90_gemm" in text and "idle by gap size" in text
+
+
+def _busy_python(n: int) -> int:
+    return sum(i * i for i in range(n))
+
+
+def test_host_profile_finds_where_python_spends_its_time():
+    def run():
+        _busy_python(200_000)
+        time.sleep(0.05)
+
+    host = profile_host(run, top=10)
+    assert host["wall_s"] >= 0.05
+    own = {r["where"]: r for r in host["by_own"]}
+    sleep = own["<built-in method time.sleep>"]
+    assert sleep["calls"] == 1 and 45 <= sleep["own_ms"] <= host["wall_s"] * 1e3
+    busy = next(r for r in host["by_cumulative"] if r["where"].endswith("(_busy_python)"))
+    assert busy["where"].startswith("tests/test_timeline.py:") and busy["calls"] == 1
+    assert busy["cumulative_ms"] > busy["own_ms"] > 0  # its generator expression runs as a callee
+    assert [r["own_ms"] for r in host["by_own"]] == sorted((r["own_ms"] for r in host["by_own"]), reverse=True)
+    text = format_profile({"span_ms": 1.0, "busy_ms": 1.0, "idle_ms": 0.0, "kernels": 0, "stages": {},
+                           "per_class": {}, "top_kernels": [], "largest_gaps": [], "host_profile": host})
+    assert "host (cProfile" in text and "time.sleep" in text
 
 
 def test_summarize_refuses_markers_that_do_not_fit():
