@@ -61,11 +61,11 @@ def test_case_names_and_references():
 
 def test_machine_info_is_the_provenance_runs_record():
     """Since schema 2: library versions under "libraries" (as bench runs record them), the GPU block, date and
-    device (schemas 3 and 4 added per-case fields only)."""
+    device (schemas 3 to 5 added per-case fields only)."""
     from sdxl_core.provenance import library_versions
 
     info = machine_info(torch.device("cpu"))
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     assert info["libraries"] == library_versions() and info["libraries"]["diffusers"]
     assert info["gpu"] is None and info["device"] == "cpu" and info["cpu_count"] >= 1
     assert info["date"].endswith("+00:00")
