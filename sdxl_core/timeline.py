@@ -10,9 +10,13 @@ own time goes, by Python function.
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import re
+import time
 import warnings
 from collections import Counter
+from pathlib import PurePath
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -273,17 +277,13 @@ def _where(key: tuple[str, int, str]) -> str:
     file, line, func = key
     if file == "~":  # a built-in (a C function or method)
         return func
-    return f"{'/'.join(file.replace(chr(92), '/').split('/')[-2:])}:{line}({func})"
+    return f"{'/'.join(PurePath(file).parts[-2:])}:{line}({func})"
 
 
 def profile_host(run: Callable[[], Any], top: int = 20) -> dict[str, Any]:
     """Where the host's time goes in one call of ``run()``, by Python function (``cProfile``): own time and time
     including callees, in milliseconds. A call that waits for the device (a sync, a copy to the host) shows the
     wait as its own time. cProfile slows Python-heavy code (about 2x), so compare rows with each other."""
-    import cProfile
-    import pstats
-    import time
-
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
