@@ -241,7 +241,7 @@ def pil_from_device(images: torch.Tensor) -> list[Any]:
     pixels are the same as diffusers' ``output_type="pil"``."""
     from PIL import Image
 
-    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     if pixels.shape[-1] == 1:
         return [Image.fromarray(image.squeeze(-1)) for image in pixels]  # 2-D uint8: mode "L"
     return [Image.fromarray(image) for image in pixels]
