@@ -152,7 +152,7 @@ def check_prompt(text: str, tokenizer: Any = None) -> PromptCheck:
         parts = [[[_strip_syntax(text, masked)]]]
     else:
         with parse_cache_released():
-            conjunction = _parser().parse_conjunction(text)
+            conjunction = compel_parser().parse_conjunction(text)
         parts = [_part_variants(p) for p in _flat_prompts(conjunction)]
     parts = [p for p in parts if any(f.strip() for fragments in p for f in fragments)]
     if not parts:
@@ -236,13 +236,16 @@ def parse_cache_released() -> Iterator[None]:
         pyparsing.ParserElement.reset_cache()
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-
 @lru_cache(maxsize=1)
-def _parser() -> Any:
+def compel_parser() -> Any:
+    """One compel ``PromptParser`` for the process (its grammar holds no state between parses; building it costs
+    a few milliseconds). Parse inside :func:`parse_cache_released`."""
     from compel.prompt_parser import PromptParser
 
     return PromptParser()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
 
 
 def _max_depth(masked: str) -> tuple[int, int]:

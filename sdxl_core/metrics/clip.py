@@ -68,12 +68,10 @@ def plain_prompt(text: str) -> str:
     if not isinstance(text, str):
         raise InvalidConfigError(f"prompt {text!r} is not a string; pass the prompt text")
     try:
-        from compel.prompt_parser import PromptParser
-
-        from sdxl_core.prompt_check import parse_cache_released
+        from sdxl_core.prompt_check import compel_parser, parse_cache_released
 
         with parse_cache_released():
-            conjunction = PromptParser().parse_conjunction(text)
+            conjunction = compel_parser().parse_conjunction(text)
         parts = [_flatten_compel(p) for p in conjunction.prompts]
         out = ", ".join(p for p in parts if p)
     except Exception:  # noqa: BLE001 - any parser failure: strip with the simple rules instead
