@@ -403,6 +403,12 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
     """Run ``cases`` in order, writing ``out_path`` after each; skip a case its estimate says cannot finish."""
     payload: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **meta, "results": []}
     last_round_s = 5.0
+
+    def save_timed(timed: SpeedResult) -> None:
+        """A case's timings on disk before its profile runs: a run stopped there keeps them."""
+        row = asdict(timed) | {"profile": {"error": PROFILE_UNFINISHED}}
+        write_json_atomic(out_path, {**payload, "results": [*payload["results"], row]})
+
     for case in cases:
         if deadline is not None:
             compiled = get_level(case.level).compile_mode is not None
@@ -419,12 +425,6 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
                 write_json_atomic(out_path, payload)
                 continue
         print(f"[speed] {case.name} ...", flush=True)
-
-        def save_timed(timed: SpeedResult) -> None:
-            """The case's timings on disk before its profile runs: a run stopped there keeps them."""
-            row = asdict(timed) | {"profile": {"error": PROFILE_UNFINISHED}}
-            write_json_atomic(out_path, {**payload, "results": [*payload["results"], row]})
-
         result = runner.run(case, on_timed=save_timed)
         if result.status == "ok" and get_level(case.level).compile_mode is None:
             last_round_s = max(result.seconds_per_image or 0.0, 0.5)

@@ -16,8 +16,8 @@ import re
 import time
 import warnings
 from collections import Counter
-from pathlib import PurePath
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Callable, Sequence
 
 import torch
