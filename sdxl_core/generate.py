@@ -224,6 +224,8 @@ def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncode
         base_kwargs.update(denoising_end=s.high_noise_frac, output_type="latent")
         latents = pipes.base(**base_kwargs).images
         clock.mark("refiner_denoising")
+        if pipes.empty_negative is not None:
+            refiner_text = pipes.empty_negative.fill(refiner_text, s.guidance_scale)
         refiner_kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, **refiner_text,
                               denoising_start=s.high_noise_frac, image=latents, generator=generators())
         with _vae_mark(pipes.refiner.vae, clock):

@@ -35,6 +35,9 @@ class Pipelines:
     # The final image goes from the VAE's float output to 8 bits on the device (diffusers' arithmetic), and only
     # the 8-bit image crosses to the host, instead of diffusers' float conversion on the CPU.
     images_on_device: bool = False
+    # The refiner's embeddings of the empty negative prompt, made once (sdxl_core.host_work.EmptyNegativeCache);
+    # None: diffusers encodes "" for every image.
+    empty_negative: Any = None
     # Process-wide kernel choices the last optimisation level made (SDPA backend order, cuDNN autotuning).
     kernel_backends: dict[str, Any] = field(default_factory=dict)
 

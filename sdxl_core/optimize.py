@@ -4,7 +4,7 @@ The levels are cumulative, from ``eager`` (fp16, classic attention, fp32 VAE upc
 diffusers' pre-PyTorch-2 attention) to ``max`` (everything, with ``torch.compile`` and CUDA graphs), then
 ``fp8`` (``max`` with fp8 GEGLU projections, which changes the arithmetic and so is kept apart from ``max``) and
 ``cross_kv`` (``fp8`` with the cross-attention keys and values computed once per image) and ``host`` (``cross_kv``
-with less host work per image).
+with less host work per image: see ``sdxl_core/host_work.py``).
 Each is checked against ``eager`` on the same seed by the speed suite.
 """
 
@@ -43,6 +43,8 @@ class OptimizationLevel:
     packrat_parser: bool = False
     cache_cross_kv: bool = False
     images_on_device: bool = False
+    pin_execution_device: bool = False
+    cache_empty_negative: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -102,10 +104,13 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                              "the output is to_out's bias) (sdxl_core/cross_kv.py)",
                  cache_cross_kv=True)
     host = replace(kv, name="host",
-                   description="+ the final image converted to 8 bits on the device by diffusers' arithmetic (the same "
-                               "pixels), so 3 MB of uint8 cross to the host instead of a float image converted on "
-                               "the CPU",
-                   images_on_device=True)
+                   description="+ less host work per image, where the device waits for it: the final image converted "
+                               "to 8 bits on the device by diffusers' arithmetic (the same pixels), so 3 MB of uint8 "
+                               "cross to the host instead of a float image converted on the CPU; the pipelines' "
+                               "execution device looked up once instead of by a walk over every module at each call; "
+                               "the refiner's embeddings of the empty negative prompt made once instead of for every "
+                               "image (sdxl_core/host_work.py)",
+                   images_on_device=True, pin_execution_device=True, cache_empty_negative=True)
     return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv, host)
 
 
@@ -255,4 +260,13 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
         pipes.kernel_backends["cross_kv_skip_zero_text"] = [cache.skip_zero_text for cache in caches]
     pipes.share_text_embeddings = level.share_text_embeddings
     pipes.images_on_device = level.images_on_device
+    # Last, when the components are where they run: both remember what diffusers computes now.
+    from sdxl_core.host_work import EmptyNegativeCache, pin_execution_device
+
+    if level.pin_execution_device:
+        for pipe in (pipes.base, pipes.refiner):
+            if pipe is not None:
+                pin_execution_device(pipe)
+    pipes.empty_negative = EmptyNegativeCache(pipes.refiner) \
+        if level.cache_empty_negative and pipes.refiner is not None else None
     return pipes
