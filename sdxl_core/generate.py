@@ -124,18 +124,22 @@ class PromptEncoder:
     ``packrat`` switches pyparsing's packrat cache (process-wide) for compel's prompt parser: on by default, for
     the same parse in about half the time, and in milliseconds for nested parentheses, where the parser without
     it takes time exponential in the depth (depth 7: 19.7 s -> 10 ms on 2 cores). ``None`` leaves the switch as it
-    is: the speed suite sets it per optimisation level, so ``eager`` times compel as it ships."""
+    is: the speed suite sets it per optimisation level, so ``eager`` times compel as it ships. With
+    ``pipes.fast_prompt_parse`` compel parses through :mod:`sdxl_core.prompt_parse` (the same parse, faster)."""
 
     def __init__(self, pipes: Pipelines, packrat: bool | None = True):
-        from compel import Compel, ReturnedEmbeddingsType
+        from compel import ReturnedEmbeddingsType
+
+        from sdxl_core.prompt_parse import compel_class
 
         if packrat is not None:
             set_packrat_parsing(packrat)
+        compel_cls = compel_class(pipes.fast_prompt_parse)
 
         kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
         base = pipes.base
         with contextlib.redirect_stdout(io.StringIO()):  # compel prints a deprecation note for the list form
-            self.base = Compel(
+            self.base = compel_cls(
                 tokenizer=[base.tokenizer, base.tokenizer_2],
                 text_encoder=[base.text_encoder, base.text_encoder_2],
                 returned_embeddings_type=kind,
@@ -143,7 +147,7 @@ class PromptEncoder:
             )
         self.refiner = None
         if pipes.refiner is not None:
-            self.refiner = Compel(
+            self.refiner = compel_cls(
                 tokenizer=pipes.refiner.tokenizer_2,
                 text_encoder=pipes.refiner.text_encoder_2,
                 returned_embeddings_type=kind,

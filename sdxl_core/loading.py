@@ -35,6 +35,9 @@ class Pipelines:
     # The final image goes from the VAE's float output to 8 bits on the device (diffusers' arithmetic), and only
     # the 8-bit image crosses to the host, instead of diffusers' float conversion on the CPU.
     images_on_device: bool = False
+    # compel parses plain words and weighted groups with sdxl_core.prompt_parse's scan (the same Conjunction),
+    # instead of its pyparsing grammar.
+    fast_prompt_parse: bool = False
     # The refiner's embeddings of the empty negative prompt, made once (sdxl_core.host_work.EmptyNegativeCache);
     # None: diffusers encodes "" for every image.
     empty_negative: Any = None

@@ -45,6 +45,7 @@ class OptimizationLevel:
     images_on_device: bool = False
     pin_execution_device: bool = False
     cache_empty_negative: bool = False
+    fast_prompt_parse: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -109,8 +110,10 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                                "cross to the host instead of a float image converted on the CPU; the pipelines' "
                                "execution device looked up once instead of by a walk over every module at each call; "
                                "the refiner's embeddings of the empty negative prompt made once instead of for every "
-                               "image (sdxl_core/host_work.py)",
-                   images_on_device=True, pin_execution_device=True, cache_empty_negative=True)
+                               "image (sdxl_core/host_work.py); compel's parse of plain words and weighted groups by "
+                               "a direct scan, its grammar for anything else (the same parse, sdxl_core/prompt_parse.py)",
+                   images_on_device=True, pin_execution_device=True, cache_empty_negative=True,
+                   fast_prompt_parse=True)
     return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv, host)
 
 
@@ -260,6 +263,7 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
         pipes.kernel_backends["cross_kv_skip_zero_text"] = [cache.skip_zero_text for cache in caches]
     pipes.share_text_embeddings = level.share_text_embeddings
     pipes.images_on_device = level.images_on_device
+    pipes.fast_prompt_parse = level.fast_prompt_parse
     # Last, when the components are where they run: both remember what diffusers computes now.
     from sdxl_core.host_work import EmptyNegativeCache, pin_execution_device
 

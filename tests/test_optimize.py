@@ -82,7 +82,7 @@ def test_levels_are_cumulative():
         assert not cur.fuse_lora
         # booleans only ever switch one way along the ladder
         for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser", "cache_cross_kv",
-                  "images_on_device", "pin_execution_device", "cache_empty_negative"):
+                  "images_on_device", "pin_execution_device", "cache_empty_negative", "fast_prompt_parse"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
@@ -113,6 +113,7 @@ def test_level_flag_progression():
     assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
     assert {n for n in ORDER if LEVELS[n].pin_execution_device} == {"host"}
     assert {n for n in ORDER if LEVELS[n].cache_empty_negative} == {"host"}
+    assert {n for n in ORDER if LEVELS[n].fast_prompt_parse} == {"host"}
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
 
 
@@ -156,6 +157,7 @@ def test_apply_level_on_tiny(name, fast_settings, fp32_image):
     assert pipes.images_on_device == level.images_on_device
     assert is_pinned(pipes.base) == is_pinned(pipes.refiner) == level.pin_execution_device
     assert (pipes.empty_negative is not None) == level.cache_empty_negative
+    assert pipes.fast_prompt_parse == level.fast_prompt_parse
     assert pipes.refiner.vae is pipes.base.vae and pipes.refiner.text_encoder_2 is pipes.base.text_encoder_2
 
     out = generate(pipes, GenerationRequest(PROMPT, SEED, settings=fast_settings))
