@@ -33,12 +33,14 @@ from sdxl_core.loading import Pipelines
 from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
 from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 
+# 6: each profiled stage's ``top_kernels``; the level's host-work switches (pin_execution_device,
+#    cache_empty_negative, fast_prompt_parse);
 # 5: a profile's ``idle`` (idle time by gap size and neighbours, memsets/copies by the kernel after them) and
 #    ``host_profile`` (the host's Python time by function, cProfile of one more generation);
 # 4: per-case ``released`` (whether the case's pipelines were freed when it ended);
 # 3: per-case first_call_stage_seconds and, for profiled cases, a device timeline (``profile``);
 # 2: machine info as runs record it (library versions under "libraries"); 1: torch/diffusers/... at top level.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 # A level is "equivalent" to eager when its base latents are within LATENT_REL_TOL (relative L2) and its
 # image within IMAGE_PSNR_MIN dB of eager's, and everything is finite. Measured differences are recorded.

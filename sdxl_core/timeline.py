@@ -86,14 +86,28 @@ def _gaps(items: Sequence[Interval], start: float, end: float) -> list[dict[str,
     return out
 
 
+def _add_kernels(per_kernel: dict[str, list[float]], items: Sequence[Interval]) -> None:
+    for it in items:
+        k = per_kernel.setdefault(it.name, [0.0, 0])
+        k[0] += it.us / 1e3
+        k[1] += 1
+
+
+def _top_kernels(per_kernel: dict[str, list[float]], top: int) -> list[dict[str, Any]]:
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"name": n[:160], "class": classify(n), "ms": v[0], "launches": v[1]} for n, v in ranked]
+
+
 def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: Sequence[str],
-              steps: dict[str, int] | None = None, top: int = 15, top_gaps: int = 8) -> dict[str, Any]:
+              steps: dict[str, int] | None = None, top: int = 15, top_gaps: int = 8,
+              top_stage: int = 6) -> dict[str, Any]:
     """Per-stage and overall totals of one generation's device work.
 
     ``markers`` are the device start times of the stage marks, in order, and ``stage_names`` their names (the
     last mark, ``end``, closes the last stage). A stage's ``span_ms`` is the device time between its marks,
     ``busy_ms`` the union of its kernels, ``idle_ms`` the rest: time the device waited for the host.
-    ``steps`` (stage -> denoising steps) adds kernels and milliseconds per step."""
+    ``steps`` (stage -> denoising steps) adds kernels and milliseconds per step. Each stage lists its
+    ``top_stage`` longest kernels too (the VAE's and the text encoders' are not among the whole image's top)."""
     if len(markers) != len(stage_names) or len(markers) < 2:
         raise ValueError(f"need one marker per stage mark and at least two, got {len(markers)} markers for "
                          f"{len(stage_names)} marks ({list(stage_names)})")
@@ -101,6 +115,7 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
         raise ValueError("stage markers are out of order on the device timeline")
     steps = steps or {}
     stages: dict[str, dict[str, Any]] = {}
+    stage_kernels: dict[str, dict[str, list[float]]] = {}
     all_gaps: list[dict[str, Any]] = []
     for name, a, b in zip(stage_names, markers, markers[1:]):
         inside = [it for it in items if a <= it.start_us < b]
@@ -112,8 +127,10 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
         s["kernel_ms"] += sum(it.us for it in inside) / 1e3
         s["kernels"] += len(inside)
         all_gaps += [dict(g, stage=name) for g in gaps]
+        _add_kernels(stage_kernels.setdefault(name, {}), inside)
     for name, s in stages.items():
         s["idle_ms"] = s["span_ms"] - s["busy_ms"]
+        s["top_kernels"] = _top_kernels(stage_kernels[name], top_stage)
         if steps.get(name):
             s["steps"] = steps[name]
             s["ms_per_step"] = s["span_ms"] / steps[name]
@@ -125,10 +142,7 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
         c = per_class.setdefault(classify(it.name), {"ms": 0.0, "launches": 0})
         c["ms"] += it.us / 1e3
         c["launches"] += 1
-        k = per_kernel.setdefault(it.name, [0.0, 0])
-        k[0] += it.us / 1e3
-        k[1] += 1
-    kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    _add_kernels(per_kernel, inside_all)
     span = (markers[-1] - markers[0]) / 1e3
     idle = idle_breakdown(all_gaps, top)
     idle["memset_memcpy_next"] = copies_next_kernel(inside_all, top)
@@ -138,7 +152,7 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
         "outside_stages": len(items) - len(inside_all),
         "stages": stages,
         "per_class": dict(sorted(per_class.items(), key=lambda kv: -kv[1]["ms"])),
-        "top_kernels": [{"name": n[:160], "class": classify(n), "ms": v[0], "launches": v[1]} for n, v in kernels],
+        "top_kernels": _top_kernels(per_kernel, top),
         "largest_gaps": sorted(all_gaps, key=lambda g: -g["ms"])[:top_gaps],
         "idle": idle,
     }
@@ -313,6 +327,10 @@ def format_profile(summary: dict[str, Any], top: int = 8) -> str:
     lines.append("  by class: " + ", ".join(f"{k} {v['ms']:.1f} ms/{v['launches']}" for k, v in summary["per_class"].items()))
     for k in summary["top_kernels"][:top]:
         lines.append(f"  {k['ms']:8.2f} ms {k['launches']:5d}x  {k['class'][:10]:10s} {k['name'][:100]}")
+    for name, s in summary["stages"].items():
+        if "steps" not in s:  # the denoising stages' kernels are the top list above
+            lines.append(f"  {name} top: " + "; ".join(f"{k['ms']:.1f} ms/{k['launches']} {k['name'][:60]}"
+                                                       for k in s.get("top_kernels", [])[:3]))
     for g in summary["largest_gaps"][:3]:
         lines.append(f"  gap {g['ms']:.2f} ms in {g['stage']} at {g['at_ms']:.1f} ms: {g['after'][:50]} -> {g['before'][:50]}")
     idle = summary.get("idle")

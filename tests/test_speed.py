@@ -65,7 +65,7 @@ def test_machine_info_is_the_provenance_runs_record():
     from sdxl_core.provenance import library_versions
 
     info = machine_info(torch.device("cpu"))
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     assert info["libraries"] == library_versions() and info["libraries"]["diffusers"]
     assert info["gpu"] is None and info["device"] == "cpu" and info["cpu_count"] >= 1
     assert info["date"].endswith("+00:00")

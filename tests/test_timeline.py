@@ -56,6 +56,13 @@ def test_summarize_a_hand_made_timeline():
     assert s["per_class"]["attention"]["launches"] == 1
     assert s["top_kernels"][0] == {"name": "nvjet_sm90_tst_gemm", "class": "gemm", "ms": pytest.approx(0.2),
                                    "launches": 2}
+    # each stage ranks its own kernels (the text stage's are not in the image's top list)
+    assert [(k["name"], k["launches"]) for k in text["top_kernels"]] == [("clip_gemm_kernel", 1),
+                                                                         ("triton_poi_fused_gelu", 1)]
+    assert text["top_kernels"][0]["ms"] == pytest.approx(0.02)
+    assert [k["name"] for k in base["top_kernels"]] == ["nvjet_sm90_tst_gemm", "cudnn_generated_fort_native_sdpa_flash"]
+    assert "text_encoding top: 0.0 ms/1 clip_gemm_kernel" in format_profile(s)
+    assert "base_denoising top" not in format_profile(s)
     gaps = s["largest_gaps"]
     # text: 0-10, 30-50, 60-100; base: 250-300, 390-400
     assert [round(g["ms"] * 1e3) for g in gaps] == [50, 40, 20, 10, 10]
