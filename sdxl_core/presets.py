@@ -140,6 +140,51 @@ SDXL_1_0 = ArchitectureConfigs("sdxl-1.0")
 TINY_CONFIGS = ArchitectureConfigs("tiny")
 
 
+@dataclass(frozen=True)
+class SkeletonConfigs(ArchitectureConfigs):
+    """SDXL 1.0's structure, every block, layer and module of every component, with every width divided by
+    ``divisor`` (and the head counts kept): the same Python and module-walk work per call as the full models,
+    at about 1/64 of the parameters, so the host's work around the models can be measured on a CPU
+    (``bench/host_overhead.py``). Random weights only; the images mean nothing."""
+
+    group: str = "sdxl-1.0"
+    divisor: int = 8
+
+    def _w(self, width: int) -> int:
+        return width // self.divisor
+
+    def text_encoder(self) -> dict[str, Any]:
+        c = SDXL_1_0.text_encoder()
+        return c | {k: self._w(c[k]) for k in ("hidden_size", "intermediate_size", "projection_dim")}
+
+    def text_encoder_2(self) -> dict[str, Any]:
+        c = SDXL_1_0.text_encoder_2()
+        return c | {k: self._w(c[k]) for k in ("hidden_size", "intermediate_size", "projection_dim")}
+
+    def _unet(self, c: dict[str, Any], cross: int, pooled: int, time_ids: int) -> dict[str, Any]:
+        time_dim = self._w(c["addition_time_embed_dim"])
+        return c | {"block_out_channels": [self._w(w) for w in c["block_out_channels"]],
+                    "norm_num_groups": self._w(c["norm_num_groups"]), "cross_attention_dim": cross,
+                    "addition_time_embed_dim": time_dim,
+                    "projection_class_embeddings_input_dim": time_ids * time_dim + pooled}
+
+    def unet_base(self) -> dict[str, Any]:  # text: CLIP-L and bigG states side by side; 6 time ids
+        te, te2 = self.text_encoder(), self.text_encoder_2()
+        return self._unet(SDXL_1_0.unet_base(), te["hidden_size"] + te2["hidden_size"], te2["projection_dim"], 6)
+
+    def unet_refiner(self) -> dict[str, Any]:  # bigG states only; 5 time ids (size, crop, aesthetic score)
+        te2 = self.text_encoder_2()
+        return self._unet(SDXL_1_0.unet_refiner(), te2["hidden_size"], te2["projection_dim"], 5)
+
+    def vae(self) -> dict[str, Any]:
+        c = SDXL_1_0.vae()
+        return c | {"block_out_channels": [self._w(w) for w in c["block_out_channels"]],
+                    "norm_num_groups": self._w(c["norm_num_groups"])}
+
+
+SKELETON_CONFIGS = SkeletonConfigs()
+
+
 # --------------------------------------------------------------------------------------------------
 # Building components
 # --------------------------------------------------------------------------------------------------

@@ -157,3 +157,30 @@ def test_build_sdxl_random_on_the_tiny_architecture():
     base_only, none = presets.build_sdxl_random(device="cpu", dtype=torch.float32, with_refiner=False,
                                                 configs=TINY_CONFIGS)
     assert none is None and base_only.unet.dtype == torch.float32
+
+
+def test_skeleton_keeps_sdxl_structure_at_a_fraction_of_the_widths():
+    """Divisor 1 gives back the SDXL 1.0 configs exactly (so the derived sizes follow SDXL's own rules), and the
+    default skeleton has the same modules, of the same types in the same order, in every component."""
+    from sdxl_core.presets import SKELETON_CONFIGS, SkeletonConfigs, build_components, count_parameters
+
+    same = SkeletonConfigs(divisor=1)
+    for part in ("unet_base", "unet_refiner", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        assert getattr(same, part)() == getattr(SDXL_1_0, part)(), part
+    full, skeleton = build_components(SDXL_1_0, "meta"), build_components(SKELETON_CONFIGS, "meta")
+    for name in full:
+        assert [type(m).__name__ for m in full[name].modules()] == \
+               [type(m).__name__ for m in skeleton[name].modules()], name
+    assert count_parameters(skeleton["unet"]) * 60 < count_parameters(full["unet"])
+
+
+def test_skeleton_pipelines_generate():
+    from sdxl_core.generate import GenerationRequest, GenerationSettings, generate
+    from sdxl_core.loading import Pipelines
+    from sdxl_core.presets import SKELETON_CONFIGS
+
+    base, refiner = presets.build_sdxl_random(device="cpu", dtype=torch.float32, configs=SKELETON_CONFIGS)
+    pipes = Pipelines(base, refiner, "skeleton", "skeleton", None)
+    out = generate(pipes, GenerationRequest("a wolf, (oil on canvas)+", 0,
+                                            settings=GenerationSettings(steps=3, width=64, height=64)))
+    assert out.images[0].size == (64, 64) and torch.isfinite(out.latents).all()

@@ -1,0 +1,116 @@
+"""The host's own work at each stage start of a base + refiner image, per optimisation level, on the CPU.
+
+    python bench/host_overhead.py [--levels cross_kv,host] [--images 8] [--steps 10] [--out FILE]
+
+On a GPU a stage start is idle device time: the device has nothing queued while the host parses the prompt,
+walks the pipelines' modules or encodes text before the first kernel. This script times that host work where it
+can be timed without a GPU: on the SDXL skeleton (``sdxl_core.presets.SKELETON_CONFIGS``: every module of SDXL
+1.0, widths / 8), with each level's switches except those that need CUDA (compile, fp8, cuDNN; float32 on the
+CPU). The levels' pipelines are built side by side and take turns image by image, so drift of the machine hits
+all. Per image:
+
+* ``text``: the text stage (compel: parse, tokenisation, encoder passes; on the CPU the skeleton's encoders
+  compute too, so only differences between levels mean much);
+* ``base_start`` / ``refiner_start``: from the stage mark to the stage UNet's first call (the pipeline's own
+  host work);
+* ``vae_to_end``: from the VAE's first layer to the image in hand.
+
+Prints the medians in milliseconds; ``--out`` writes them as JSON with the machine and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CUDA_ONLY = dict(dtype="float32", fp8_geglu=False, compile_mode=None, compile_text_encoders=False, cudnn=False)
+PARTS = ("text", "base_start", "refiner_start", "vae_to_end")
+
+
+def build(level_name: str):
+    import torch
+
+    from sdxl_core.loading import Pipelines
+    from sdxl_core.optimize import apply_level, get_level
+    from sdxl_core.presets import SKELETON_CONFIGS, build_sdxl_random
+
+    base, refiner = build_sdxl_random(device="cpu", dtype=torch.float32, configs=SKELETON_CONFIGS)
+    pipes = Pipelines(base, refiner, "skeleton", "skeleton", None)
+    return apply_level(pipes, dataclasses.replace(get_level(level_name), **CUDA_ONLY))
+
+
+def one_image(pipes, encoder, request) -> dict[str, float]:
+    import torch
+
+    from sdxl_core.generate import StageClock, generate
+
+    marks: dict[str, float] = {}
+    first: dict[str, float] = {}
+
+    def hook(tag: str):
+        def pre_hook(module, args) -> None:  # returns None: a value would replace the call's arguments
+            first.setdefault(tag, time.perf_counter())
+        return pre_hook
+
+    handles = [pipes.base.unet.register_forward_pre_hook(hook("base")),
+               pipes.refiner.unet.register_forward_pre_hook(hook("refiner")),
+               pipes.base.vae.post_quant_conv.register_forward_pre_hook(hook("vae"))]
+    try:
+        clock = StageClock(torch.device("cpu"), lambda name: marks.setdefault(name, time.perf_counter()))
+        generate(pipes, request, encoder, clock)
+        end = time.perf_counter()
+    finally:
+        for h in handles:
+            h.remove()
+    return {"text": marks["base_denoising"] - marks["text_encoding"],
+            "base_start": first["base"] - marks["base_denoising"],
+            "refiner_start": first["refiner"] - marks["refiner_denoising"],
+            "vae_to_end": end - first["vae"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", default="cross_kv,host")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    import torch
+
+    from sdxl_core.generate import GenerationRequest, GenerationSettings, PromptEncoder
+    from sdxl_core.speed import DEFAULT_PROMPT
+
+    torch.set_num_threads(1)
+    levels = args.levels.split(",")
+    pipes = {name: build(name) for name in levels}
+    encoders = {name: PromptEncoder(p, packrat=None) for name, p in pipes.items()}  # the level set packrat
+    request = GenerationRequest(DEFAULT_PROMPT, 0, settings=GenerationSettings(steps=args.steps, width=64, height=64))
+    for name in levels:  # warm-up: compel's one-off passes, first-call allocations
+        one_image(pipes[name], encoders[name], request)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in levels}
+    for _ in range(args.images):
+        for name in levels:
+            rows[name].append(one_image(pipes[name], encoders[name], request))
+    medians = {name: {k: 1e3 * statistics.median(r[k] for r in rs) for k in PARTS} for name, rs in rows.items()}
+    print(f"host ms per image, median of {args.images} (SDXL skeleton, CPU, {args.steps} steps at 64x64)")
+    print(f"{'level':10s}" + "".join(f"{k:>15s}" for k in PARTS))
+    for name, m in medians.items():
+        print(f"{name:10s}" + "".join(f"{m[k]:15.2f}" for k in PARTS))
+    if args.out:
+        args.out.write_text(json.dumps({"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                                                    "processor": platform.processor(), "torch": torch.__version__},
+                                        "settings": vars(args) | {"out": str(args.out)}, "median_ms": medians,
+                                        "images": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
