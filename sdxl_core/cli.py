@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=None, help="skip cases that cannot finish within this")
     p.add_argument("--skip-fp16-check", action="store_true", help="skip the fp16 activation-range check")
+    p.add_argument("--compile-cache-in", default=None,
+                   help="load torch.compile artifacts saved by an earlier run (--compile-cache-out) from this folder")
+    p.add_argument("--compile-cache-out", default=None,
+                   help="save this run's torch.compile artifacts to this folder after each compiled case")
     p.add_argument("--profile", default=None,
                    help="comma-separated cases that also get a device timeline (kernels, idle time per stage, host "
                         "syncs) from one more generation after their timed rounds, e.g. --profile fp8")

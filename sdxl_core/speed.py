@@ -34,7 +34,7 @@ from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
 from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 
 # 6: each profiled stage's ``top_kernels``; the level's host-work switches (pin_execution_device,
-#    cache_empty_negative, fast_prompt_parse);
+#    cache_empty_negative, fast_prompt_parse); ``compile_cache`` (what was loaded and saved, see compile_cache.py);
 # 5: a profile's ``idle`` (idle time by gap size and neighbours, memsets/copies by the kernel after them) and
 #    ``host_profile`` (the host's Python time by function, cProfile of one more generation);
 # 4: per-case ``released`` (whether the case's pipelines were freed when it ended);
@@ -401,8 +401,10 @@ def estimated_overhead_s(case: SpeedCase, done: list[dict[str, Any]]) -> float:
 
 
 def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path, meta: dict[str, Any],
-                    deadline: float | None = None) -> dict[str, Any]:
-    """Run ``cases`` in order, writing ``out_path`` after each; skip a case its estimate says cannot finish."""
+                    deadline: float | None = None,
+                    after_case: Callable[[dict[str, Any], dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``cases`` in order, writing ``out_path`` after each; skip a case its estimate says cannot finish.
+    ``after_case(result, payload)`` runs after each case that ran, before the file is written."""
     payload: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **meta, "results": []}
     last_round_s = 5.0
 
@@ -441,6 +443,8 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
             print(f"[speed] {case.name} profile ({result.profile['seconds']:.0f} s):\n{format_profile(result.profile)}",
                   flush=True)
         payload["results"].append(asdict(result))
+        if after_case is not None:
+            after_case(payload["results"][-1], payload)
         write_json_atomic(out_path, payload)
     return payload
 
@@ -502,6 +506,31 @@ def quiet_library_logs() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _cache_saver(args: Any) -> Callable[[dict[str, Any], dict[str, Any]], None] | None:
+    """After each compiled case that finished, this process's compile artifacts go to ``--compile-cache-out`` (all
+    of them so far, so a run stopped later keeps what it compiled); what was saved goes into the results."""
+    folder = getattr(args, "compile_cache_out", None)
+    if not folder:
+        return None
+
+    def after_case(result: dict[str, Any], payload: dict[str, Any]) -> None:
+        if result["status"] != "ok" or result["level"].get("compile_mode") is None:
+            return
+        from sdxl_core.compile_cache import save
+
+        t0 = time.perf_counter()
+        try:
+            saved = save(Path(folder))
+        except Exception as exc:  # the timings stand; the failure is recorded
+            saved = {"saved": False, "reason": f"{type(exc).__name__}: {exc}"}
+        saved["seconds"] = time.perf_counter() - t0
+        saved["after_case"] = result["case"]
+        payload.setdefault("compile_cache", {})["saved"] = saved
+        print("[speed] compile cache saved:", json.dumps({k: v for k, v in saved.items() if k != "parts"}), flush=True)
+
+    return after_case
+
+
 def main_speed(args: Any) -> int:
     """The ``sdxl-bench speed`` command: machine info, matmul ceiling, fp16 check, cases, table last."""
     from sdxl_core.loading import default_device, load_pipelines
@@ -529,6 +558,11 @@ def main_speed(args: Any) -> int:
                             "settings": asdict(settings), "prompt": DEFAULT_PROMPT, "seed": args.seed,
                             "warmup": args.warmup, "rounds": args.rounds, "budget_s": args.budget_s}
     print(json.dumps(meta["machine"]), flush=True)
+    if getattr(args, "compile_cache_in", None):  # before anything compiles
+        from sdxl_core.compile_cache import load
+
+        meta["compile_cache"] = {"loaded": load(Path(args.compile_cache_in))}
+        print("[speed] compile cache:", json.dumps(meta["compile_cache"]["loaded"]), flush=True)
     rate = measure_matmul_rate(device) if device.type == "cuda" else None
     meta["bf16_matmul_flops_per_s"] = rate
     runner = SpeedRunner(build=build, device=device, settings=settings, seed=args.seed, warmup=args.warmup,
@@ -545,7 +579,7 @@ def main_speed(args: Any) -> int:
         meta["fp16_check"]["seconds"] = time.perf_counter() - t0
         print("[speed] fp16 check:", json.dumps({k: v for k, v in meta["fp16_check"].items()
                                                if not isinstance(v, dict)}), flush=True)
-    payload = run_speed_suite(runner, cases, out_path, meta, deadline)
+    payload = run_speed_suite(runner, cases, out_path, meta, deadline, after_case=_cache_saver(args))
     payload["wall_s"] = time.time() - started
     write_json_atomic(out_path, payload)
     print(f"\nSDXL base+refiner {settings.width}x{settings.height}, {w.base_steps}+{w.refiner_steps} steps, "

@@ -319,3 +319,31 @@ def test_deadline_skips_cases_that_cannot_finish(runner, tmp_path):
                               deadline=time.time() + 5)
     assert [r["status"] for r in payload["results"]] == ["skipped", "skipped"]
     assert all("time budget" in r["message"] for r in payload["results"])
+
+
+def test_compile_artifacts_are_saved_after_compiled_cases_only(tmp_path, monkeypatch):
+    import argparse
+
+    from sdxl_core import compile_cache
+    from sdxl_core.optimize import get_level
+    from sdxl_core.speed import _cache_saver
+
+    assert _cache_saver(argparse.Namespace(compile_cache_out=None)) is None
+    calls = []
+    monkeypatch.setattr(compile_cache, "save", lambda folder: calls.append(folder) or {"saved": True, "parts": ["p"]})
+    after = _cache_saver(argparse.Namespace(compile_cache_out=str(tmp_path / "cache")))
+    payload: dict = {}
+    after({"status": "ok", "case": "bf16", "level": get_level("bf16").as_dict()}, payload)
+    after({"status": "error", "case": "max", "level": get_level("max").as_dict()}, payload)
+    assert calls == [] and payload == {}
+    after({"status": "ok", "case": "max", "level": get_level("max").as_dict()}, payload)
+    assert calls == [tmp_path / "cache"]
+    assert payload["compile_cache"]["saved"]["saved"] and payload["compile_cache"]["saved"]["after_case"] == "max"
+
+    def broken(folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(compile_cache, "save", broken)
+    after({"status": "ok", "case": "host", "level": get_level("host").as_dict()}, payload)  # recorded, not raised
+    assert payload["compile_cache"]["saved"]["reason"] == "OSError: disk full"
+    assert payload["compile_cache"]["saved"]["after_case"] == "host"

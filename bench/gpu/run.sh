@@ -6,7 +6,9 @@
 #   bash bench/gpu/run.sh --cases eager,fp8 --profile fp8       # + a device timeline of fp8 (sdxl_core/timeline.py)
 #
 # Wheels for packages the machine lacks (diffusers, compel, open-clip-torch, ...) are installed from .whl/
-# when that folder is present. Results: $OUT/speed.json (or reports/gpu/speed-latest.json), table printed last.
+# when that folder is present. Results: $OUT/speed.json (or reports/gpu/speed.json), table printed last.
+# torch.compile's artifacts are saved to $OUT/compile-cache/ after each compiled case, and loaded at the start from
+# ${SDXL_BENCH_COMPILE_CACHE_IN:-.compile-cache}/ when an earlier run's are there (same GPU model, torch, triton).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -19,4 +21,8 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv || true
 base_args=(--base sdxl-random)
 case " $* " in *" --base "*) base_args=() ;; esac
-python3 -m sdxl_core.cli speed "${base_args[@]}" --budget-s "${SDXL_BENCH_BUDGET_S:-400}" --out "$out/speed.json" "$@"
+cache_args=(--compile-cache-out "$out/compile-cache")
+cache_in="${SDXL_BENCH_COMPILE_CACHE_IN:-.compile-cache}"
+if [ -f "$cache_in/compile-cache.json" ]; then cache_args+=(--compile-cache-in "$cache_in"); fi
+python3 -m sdxl_core.cli speed "${base_args[@]}" --budget-s "${SDXL_BENCH_BUDGET_S:-400}" --out "$out/speed.json" \
+  "${cache_args[@]}" "$@"
