@@ -27,6 +27,7 @@ from sdxl_core.atomicio import write_bytes_atomic, write_json_atomic
 MANIFEST = "compile-cache.json"
 PART_BYTES = 15 * 2**20
 MAX_PARTS = 3  # 45 MiB: with the speed JSON and the log, within what a device call returns (8 files, 64 MiB)
+MAX_RAW_BYTES = 1 << 30  # above this, compressing would take a timed device call's last minute: not saved
 FORMAT = 1
 
 
@@ -41,12 +42,15 @@ def _environment() -> dict[str, Any]:
     return {"torch": torch.__version__, "triton": triton_version, "gpu": gpu}
 
 
-def save(dest: Path, part_bytes: int = PART_BYTES, max_parts: int = MAX_PARTS) -> dict[str, Any]:
+def save(dest: Path, part_bytes: int = PART_BYTES, max_parts: int = MAX_PARTS,
+         max_raw_bytes: int = MAX_RAW_BYTES) -> dict[str, Any]:
     """Write this process's compile artifacts under ``dest``; returns what was written (or why nothing was)."""
     result = torch.compiler.save_cache_artifacts()
     if result is None:
         return {"saved": False, "reason": "no compile artifacts in this process"}
     raw, _info = result
+    if len(raw) > max_raw_bytes:
+        return {"saved": False, "reason": f"{len(raw)} bytes of artifacts, more than {max_raw_bytes} to compress"}
     packed = lzma.compress(raw, preset=1)
     parts = [packed[i:i + part_bytes] for i in range(0, len(packed), part_bytes)]
     if len(parts) > max_parts:

@@ -34,6 +34,8 @@ if action == "save":
     saved = compile_cache.save(folder)
     tiny = compile_cache.save(folder / "tiny", part_bytes=64, max_parts=2)
     assert not tiny["saved"] and "more than 2" in tiny["reason"], tiny
+    big = compile_cache.save(folder / "big", max_raw_bytes=1000)
+    assert not big["saved"] and "more than 1000 to compress" in big["reason"], big
 print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
                   "out": out.tolist(), "loaded": loaded, "saved": saved}))
 """
