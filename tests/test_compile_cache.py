@@ -61,11 +61,11 @@ def test_a_saved_compile_comes_from_the_cache_in_a_fresh_process(saved_cache, tm
     assert first["miss"] >= 1 and first["hit"] == 0
     assert first["saved"]["saved"] and (folder / MANIFEST).is_file()
     assert all((folder / name).stat().st_size <= compile_cache.PART_BYTES for name in first["saved"]["parts"])
+    # a fresh process with an empty inductor cache folder compiles nothing: everything comes from the load (the
+    # first process, which started the same way, had only misses)
     again = _run("load", folder, tmp_path / "fresh")
     assert again["loaded"]["loaded"] and again["hit"] >= 1 and again["miss"] == 0
     assert again["out"] == first["out"]
-    control = _run("none", folder, tmp_path / "control")  # the same fresh start without the load: compiles
-    assert control["hit"] == 0 and control["miss"] >= 1
 
 
 def test_a_cache_from_other_versions_is_refused(saved_cache, tmp_path):
