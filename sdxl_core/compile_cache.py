@@ -72,7 +72,10 @@ def load(src: Path) -> dict[str, Any]:
     path = src / MANIFEST
     if not path.is_file():
         return {"loaded": False, "reason": f"no {MANIFEST} in {src}"}
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        return {"loaded": False, "reason": f"{path} is not a manifest: {exc}"}
     here = _environment()
     if manifest.get("format") != FORMAT:
         return {"loaded": False, "reason": f"cache format {manifest.get('format')!r}, this sdxl-bench reads {FORMAT}"}
@@ -86,5 +89,8 @@ def load(src: Path) -> dict[str, Any]:
     packed = b"".join((src / name).read_bytes() for name in manifest["parts"])
     if hashlib.sha256(packed).hexdigest() != manifest["sha256"]:
         return {"loaded": False, "reason": f"the parts in {src} do not match the manifest's SHA-256"}
-    torch.compiler.load_cache_artifacts(lzma.decompress(packed))
+    try:
+        torch.compiler.load_cache_artifacts(lzma.decompress(packed))
+    except Exception as exc:  # a cache that torch cannot read: the run compiles, and the results say why
+        return {"loaded": False, "reason": f"torch could not load {src}: {type(exc).__name__}: {exc}"}
     return {"loaded": True, "dir": str(src), **{k: manifest[k] for k in ("torch", "triton", "gpu", "raw_bytes")}}

@@ -358,6 +358,9 @@ def render_table(payload: dict[str, Any]) -> str:
                     (f", latents rel {lat:.3g}" if lat is not None else "")
         lines.append(f"{r['case']:34s} {spi:8.3f} {r['images_per_second']:7.3f} {x_eager} {x_sdpa} {mfu} {peak} "
                      f"{r['first_call_s']:8.1f}  {check}")
+    loaded = payload.get("compile_cache", {}).get("loaded", {})
+    if loaded.get("loaded"):
+        lines.append(f"(1st call: compiled from the cache loaded from {loaded.get('dir')})")
     return "\n".join(lines)
 
 

@@ -92,3 +92,5 @@ def test_damaged_or_missing_parts_are_refused(saved_cache, tmp_path):
         (broken / name).write_bytes(b"x" + (folder / name).read_bytes()[1:])
     assert "SHA-256" in compile_cache.load(broken)["reason"]
     assert "no compile-cache.json" in compile_cache.load(tmp_path)["reason"]
+    (broken / MANIFEST).write_text("{not json")
+    assert "is not a manifest" in compile_cache.load(broken)["reason"]

@@ -118,6 +118,10 @@ def test_render_table():
     assert "reference" in rows["eager"]
     assert "ok vs eager: PSNR 48.2 dB, latents rel 0.0123" in rows["sdpa"]
     assert "FAIL vs eager: PSNR 12.0 dB" in rows["bf16"]
+    assert "compiled from the cache" not in text
+    cached = render_table({"results": json.loads(json.dumps(results)),
+                           "compile_cache": {"loaded": {"loaded": True, "dir": ".compile-cache"}}})
+    assert cached.splitlines()[-1] == "(1st call: compiled from the cache loaded from .compile-cache)"
 
 
 def test_render_table_without_eager():
