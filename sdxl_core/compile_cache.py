@@ -25,8 +25,10 @@ import torch
 from sdxl_core.atomicio import write_bytes_atomic, write_json_atomic
 
 MANIFEST = "compile-cache.json"
-PART_BYTES = 15 * 2**20
-MAX_PARTS = 3  # 45 MiB: with the speed JSON and the log, within what a device call returns (8 files, 64 MiB)
+PART_BYTES = 12 * 2**20
+# 24 MiB in all: what a device call returns is at most 8 files of 16 MiB, and what it carries in is at most 64 MiB,
+# of which the repository holds ~27 and the wheels ~9.
+MAX_PARTS = 2
 MAX_RAW_BYTES = 1 << 30  # above this, compressing would take a timed device call's last minute: not saved
 FORMAT = 1
 
