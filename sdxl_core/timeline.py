@@ -136,13 +136,18 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
             s["ms_per_step"] = s["span_ms"] / steps[name]
             s["kernels_per_step"] = s["kernels"] / steps[name]
     inside_all = [it for it in items if markers[0] <= it.start_us < markers[-1]]
-    per_class: dict[str, dict[str, float]] = {}
+    # The stages tile the image, so its per-kernel and per-class totals are sums of the stages' per-kernel ones.
     per_kernel: dict[str, list[float]] = {}
-    for it in inside_all:
-        c = per_class.setdefault(classify(it.name), {"ms": 0.0, "launches": 0})
-        c["ms"] += it.us / 1e3
-        c["launches"] += 1
-    _add_kernels(per_kernel, inside_all)
+    for kernels in stage_kernels.values():
+        for name, (ms, launches) in kernels.items():
+            k = per_kernel.setdefault(name, [0.0, 0])
+            k[0] += ms
+            k[1] += launches
+    per_class: dict[str, dict[str, float]] = {}
+    for name, (ms, launches) in per_kernel.items():
+        c = per_class.setdefault(classify(name), {"ms": 0.0, "launches": 0})
+        c["ms"] += ms
+        c["launches"] += launches
     span = (markers[-1] - markers[0]) / 1e3
     idle = idle_breakdown(all_gaps, top)
     idle["memset_memcpy_next"] = copies_next_kernel(inside_all, top)
