@@ -45,8 +45,9 @@ def _environment() -> dict[str, Any]:
 
 
 def save(dest: Path, part_bytes: int = PART_BYTES, max_parts: int = MAX_PARTS,
-         max_raw_bytes: int = MAX_RAW_BYTES) -> dict[str, Any]:
-    """Write this process's compile artifacts under ``dest``; returns what was written (or why nothing was)."""
+         max_raw_bytes: int = MAX_RAW_BYTES, cases: list[str] | None = None) -> dict[str, Any]:
+    """Write this process's compile artifacts under ``dest``; returns what was written (or why nothing was).
+    ``cases`` names the cases compiled in this process, so that a later run can plan their first calls as cached."""
     result = torch.compiler.save_cache_artifacts()
     if result is None:
         return {"saved": False, "reason": "no compile artifacts in this process"}
@@ -63,7 +64,7 @@ def save(dest: Path, part_bytes: int = PART_BYTES, max_parts: int = MAX_PARTS,
     for name, part in zip(names, parts):
         write_bytes_atomic(dest / name, part)
     manifest = {"format": FORMAT, **_environment(), "raw_bytes": len(raw), "parts": names,
-                "sha256": hashlib.sha256(packed).hexdigest()}
+                "sha256": hashlib.sha256(packed).hexdigest(), "cases": list(cases or [])}
     write_json_atomic(dest / MANIFEST, manifest)  # last: a manifest names only parts that are complete
     return {"saved": True, "dir": str(dest), **manifest}
 
@@ -95,4 +96,5 @@ def load(src: Path) -> dict[str, Any]:
         torch.compiler.load_cache_artifacts(lzma.decompress(packed))
     except Exception as exc:  # a cache that torch cannot read: the run compiles, and the results say why
         return {"loaded": False, "reason": f"torch could not load {src}: {type(exc).__name__}: {exc}"}
-    return {"loaded": True, "dir": str(src), **{k: manifest[k] for k in ("torch", "triton", "gpu", "raw_bytes")}}
+    return {"loaded": True, "dir": str(src), **{k: manifest[k] for k in ("torch", "triton", "gpu", "raw_bytes")},
+            "cases": list(manifest.get("cases", []))}

@@ -64,6 +64,12 @@ class OptimizationLevel:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether torch.compile records CUDA graphs for this level (they are recorded at a compiled function's
+        second call, so a module called once per image records its graph during the second generation)."""
+        return self.compile_mode in ("reduce-overhead", "max-autotune")
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

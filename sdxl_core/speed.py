@@ -33,6 +33,8 @@ from sdxl_core.loading import Pipelines
 from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
 from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 
+# 7: per-case ``warmup_generations`` (untimed generations before the rounds, the first call included: one more
+#    under CUDA graphs, whose VAE decoder and text encoders record their graphs in the second generation);
 # 6: each profiled stage's ``top_kernels``; the level's host-work switches (pin_execution_device,
 #    cache_empty_negative, fast_prompt_parse); ``compile_cache`` (what was loaded and saved, see compile_cache.py);
 # 5: a profile's ``idle`` (idle time by gap size and neighbours, memsets/copies by the kernel after them) and
@@ -40,7 +42,7 @@ from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 # 4: per-case ``released`` (whether the case's pipelines were freed when it ended);
 # 3: per-case first_call_stage_seconds and, for profiled cases, a device timeline (``profile``);
 # 2: machine info as runs record it (library versions under "libraries"); 1: torch/diffusers/... at top level.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DEFAULT_PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 # A level is "equivalent" to eager when its base latents are within LATENT_REL_TOL (relative L2) and its
 # image within IMAGE_PSNR_MIN dB of eager's, and everything is finite. Measured differences are recorded.
@@ -151,6 +153,7 @@ class SpeedResult:
     seconds_per_image: float | None = None
     images_per_second: float | None = None
     first_call_s: float | None = None
+    warmup_generations: int = 0  # untimed generations before the rounds, the first call included
     build_s: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_gib: float | None = None
@@ -226,7 +229,11 @@ class SpeedRunner:
             _sync(self.device)
             result.first_call_s = time.perf_counter() - t0
             result.first_call_stage_seconds = dict(out.stage_seconds)
-            for _ in range(self.warmup - 1):
+            # Timed rounds start once every graph is recorded: CUDA graph trees run a compiled function once without
+            # a graph and record it at its next call, so the modules called once per image (VAE decoder, text
+            # encoders) record theirs in the second generation.
+            result.warmup_generations = max(self.warmup, 2 if level.cuda_graphs else 1)
+            for _ in range(result.warmup_generations - 1):
                 generate(pipes, request, encoder)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -391,23 +398,35 @@ def profiled_cases(text: str | None, cases: list[SpeedCase]) -> tuple[str, ...]:
     return chosen
 
 
-def estimated_overhead_s(case: SpeedCase, done: list[dict[str, Any]]) -> float:
+# First calls of `host` on an H100 whose compile caches were warm: 96.5 and 103.9 s (runs 7 and 8), against 312 s cold.
+CACHED_FIRST_CALL_S = 105.0
+# The first call of `compile` (both UNets and the VAE decoder) took 151 s on an H200 (run 1), that of `max` (also the
+# text encoders, CUDA graphs) 265 and 319 s (runs 2 and 3), `cross_kv` 328 s and `host` 312 s on H100s (runs 4, 6).
+UNCACHED_FIRST_CALL_S = 330.0
+
+
+def estimated_overhead_s(case: SpeedCase, done: list[dict[str, Any]],
+                         cached: frozenset[str] = frozenset()) -> float:
     """Rough seconds a case needs beyond its timed rounds (compilation above all), used to skip cases that
-    cannot finish before the deadline: the first call of the last compiled case if there was one, else a
-    guess. Cases are skipped, never cut short."""
+    cannot finish before the deadline: 1.2 times the first call of the last compiled case that was as cached as
+    this one (``cached``: the cases a loaded compile cache holds), else a guess. Cases are skipped, never cut short."""
     if get_level(case.level).compile_mode is None:
         return 20.0
-    compiled = [r["first_call_s"] for r in done if r["status"] == "ok" and r["level"]["compile_mode"]]
-    # The first call of `compile` (both UNets and the VAE decoder) took 151 s on an H200 (run 1), that of `max`
-    # (also the text encoders, CUDA graphs) 265 and 319 s (runs 2 and 3): plan for the larger.
-    return 1.2 * compiled[-1] if compiled else 330.0
+    from_cache = case.name in cached
+    alike = [r["first_call_s"] for r in done if r["status"] == "ok" and r["level"]["compile_mode"]
+             and (r["case"] in cached) == from_cache]
+    if alike:
+        return 1.2 * alike[-1]
+    return 1.2 * CACHED_FIRST_CALL_S if from_cache else UNCACHED_FIRST_CALL_S
 
 
 def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path, meta: dict[str, Any],
                     deadline: float | None = None,
-                    after_case: Callable[[dict[str, Any], dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                    after_case: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+                    cached: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Run ``cases`` in order, writing ``out_path`` after each; skip a case its estimate says cannot finish.
-    ``after_case(result, payload)`` runs after each case that ran, before the file is written."""
+    ``after_case(result, payload)`` runs after each case that ran, before the file is written; ``cached`` names
+    the cases whose compiles a loaded compile cache holds."""
     payload: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **meta, "results": []}
     last_round_s = 5.0
 
@@ -418,9 +437,10 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
 
     for case in cases:
         if deadline is not None:
-            compiled = get_level(case.level).compile_mode is not None
-            per_round = last_round_s * case.batch_size * (0.5 if compiled else 1.0)
-            need = estimated_overhead_s(case, payload["results"]) + (runner.warmup + runner.rounds) * per_round
+            level = get_level(case.level)
+            per_round = last_round_s * case.batch_size * (0.5 if level.compile_mode is not None else 1.0)
+            warm = max(runner.warmup, 2 if level.cuda_graphs else 1)
+            need = estimated_overhead_s(case, payload["results"], cached) + (warm + runner.rounds) * per_round
             if case.name in runner.profile_cases:
                 need += PROFILE_OVERHEAD_S + 3 * per_round
             left = deadline - time.time()
@@ -522,8 +542,10 @@ def _cache_saver(args: Any) -> Callable[[dict[str, Any], dict[str, Any]], None] 
         from sdxl_core.compile_cache import save
 
         t0 = time.perf_counter()
+        compiled = [r["case"] for r in [*payload.get("results", []), result]
+                    if r["status"] == "ok" and r["level"].get("compile_mode") is not None]
         try:
-            saved = save(Path(folder))
+            saved = save(Path(folder), cases=list(dict.fromkeys(compiled)))
         except Exception as exc:  # the timings stand; the failure is recorded
             saved = {"saved": False, "reason": f"{type(exc).__name__}: {exc}"}
         saved["seconds"] = time.perf_counter() - t0
@@ -582,7 +604,9 @@ def main_speed(args: Any) -> int:
         meta["fp16_check"]["seconds"] = time.perf_counter() - t0
         print("[speed] fp16 check:", json.dumps({k: v for k, v in meta["fp16_check"].items()
                                                if not isinstance(v, dict)}), flush=True)
-    payload = run_speed_suite(runner, cases, out_path, meta, deadline, after_case=_cache_saver(args))
+    loaded = meta.get("compile_cache", {}).get("loaded", {})
+    cached = frozenset(loaded.get("cases", [])) if loaded.get("loaded") else frozenset()
+    payload = run_speed_suite(runner, cases, out_path, meta, deadline, after_case=_cache_saver(args), cached=cached)
     payload["wall_s"] = time.time() - started
     write_json_atomic(out_path, payload)
     print(f"\nSDXL base+refiner {settings.width}x{settings.height}, {w.base_steps}+{w.refiner_steps} steps, "

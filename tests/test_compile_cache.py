@@ -31,7 +31,7 @@ with torch.no_grad():
     out = torch.compile(model, fullgraph=True)(torch.ones(1, 3, 8, 8))
 saved = None
 if action == "save":
-    saved = compile_cache.save(folder)
+    saved = compile_cache.save(folder, cases=["host", "host@b4"])
     tiny = compile_cache.save(folder / "tiny", part_bytes=64, max_parts=2)
     assert not tiny["saved"] and "more than 2" in tiny["reason"], tiny
     big = compile_cache.save(folder / "big", max_raw_bytes=1000)
@@ -66,6 +66,7 @@ def test_a_saved_compile_comes_from_the_cache_in_a_fresh_process(saved_cache, tm
     again = _run("load", folder, tmp_path / "fresh")
     assert again["loaded"]["loaded"] and again["hit"] >= 1 and again["miss"] == 0
     assert again["out"] == first["out"]
+    assert first["saved"]["cases"] == again["loaded"]["cases"] == ["host", "host@b4"]
 
 
 def test_a_cache_from_other_versions_is_refused(saved_cache, tmp_path):

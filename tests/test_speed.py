@@ -61,11 +61,11 @@ def test_case_names_and_references():
 
 def test_machine_info_is_the_provenance_runs_record():
     """Since schema 2: library versions under "libraries" (as bench runs record them), the GPU block, date and
-    device (schemas 3 to 5 added per-case fields only)."""
+    device (schemas 3 to 7 added per-case fields only)."""
     from sdxl_core.provenance import library_versions
 
     info = machine_info(torch.device("cpu"))
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     assert info["libraries"] == library_versions() and info["libraries"]["diffusers"]
     assert info["gpu"] is None and info["device"] == "cpu" and info["cpu_count"] >= 1
     assert info["date"].endswith("+00:00")
@@ -334,20 +334,53 @@ def test_compile_artifacts_are_saved_after_compiled_cases_only(tmp_path, monkeyp
 
     assert _cache_saver(argparse.Namespace(compile_cache_out=None)) is None
     calls = []
-    monkeypatch.setattr(compile_cache, "save", lambda folder: calls.append(folder) or {"saved": True, "parts": ["p"]})
+    monkeypatch.setattr(compile_cache, "save",
+                        lambda folder, cases: calls.append((folder, cases)) or {"saved": True, "parts": ["p"]})
     after = _cache_saver(argparse.Namespace(compile_cache_out=str(tmp_path / "cache")))
     payload: dict = {}
     after({"status": "ok", "case": "bf16", "level": get_level("bf16").as_dict()}, payload)
     after({"status": "error", "case": "max", "level": get_level("max").as_dict()}, payload)
     assert calls == [] and payload == {}
-    after({"status": "ok", "case": "max", "level": get_level("max").as_dict()}, payload)
-    assert calls == [tmp_path / "cache"]
+    payload["results"] = [{"status": "ok", "case": "eager", "level": get_level("eager").as_dict()},
+                          {"status": "ok", "case": "host", "level": get_level("host").as_dict()},
+                          {"status": "error", "case": "max", "level": get_level("max").as_dict()},
+                          {"status": "ok", "case": "max", "level": get_level("max").as_dict()}]
+    after(payload["results"][-1], payload)
+    assert calls == [(tmp_path / "cache", ["host", "max"])]  # the compiled cases that finished in this process
     assert payload["compile_cache"]["saved"]["saved"] and payload["compile_cache"]["saved"]["after_case"] == "max"
 
-    def broken(folder):
+    def broken(folder, cases):
         raise OSError("disk full")
 
     monkeypatch.setattr(compile_cache, "save", broken)
     after({"status": "ok", "case": "host", "level": get_level("host").as_dict()}, payload)  # recorded, not raised
     assert payload["compile_cache"]["saved"]["reason"] == "OSError: disk full"
     assert payload["compile_cache"]["saved"]["after_case"] == "host"
+
+
+def test_estimated_overhead_plans_cached_and_uncached_first_calls_apart():
+    from sdxl_core.optimize import get_level
+    from sdxl_core.speed import CACHED_FIRST_CALL_S, UNCACHED_FIRST_CALL_S, estimated_overhead_s
+
+    def done(case, first_call_s):
+        level = parse_case(case).level
+        return {"status": "ok", "case": case, "level": get_level(level).as_dict(), "first_call_s": first_call_s}
+
+    assert estimated_overhead_s(SpeedCase("eager"), []) == 20.0
+    assert estimated_overhead_s(SpeedCase("host"), []) == UNCACHED_FIRST_CALL_S
+    cached = frozenset({"host"})
+    assert estimated_overhead_s(SpeedCase("host"), [], cached) == pytest.approx(1.2 * CACHED_FIRST_CALL_S)
+    # a cached case's quick first call says nothing of an uncached one's, and the other way round
+    assert estimated_overhead_s(SpeedCase("max"), [done("host", 100.0)], cached) == UNCACHED_FIRST_CALL_S
+    assert estimated_overhead_s(SpeedCase("max"), [done("host", 100.0), done("fp8", 300.0)],
+                                cached) == pytest.approx(360.0)
+    assert estimated_overhead_s(SpeedCase("host"), [done("fp8", 300.0)], cached) == pytest.approx(
+        1.2 * CACHED_FIRST_CALL_S)
+    assert estimated_overhead_s(SpeedCase("host", batch_size=4), [], cached) == UNCACHED_FIRST_CALL_S
+
+
+def test_cuda_graph_levels_warm_up_until_every_graph_is_recorded(results):
+    from sdxl_core.optimize import get_level
+    assert [get_level(name).cuda_graphs for name in ("eager", "compile", "cudagraphs", "max", "host")] == [
+        False, False, True, True, True]
+    assert results["eager"].warmup_generations == 1  # the first call; no graphs to record
