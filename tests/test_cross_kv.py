@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_core.cross_kv import CrossKVCache, _row_runs, install, zero_text_skippable
+from sdxl_core.cross_kv import CrossKVCache, _row_runs, flash_attention, install, zero_text_skippable
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.flops import unet_inputs
 from sdxl_core.generate import GenerationRequest, generate
@@ -113,7 +113,7 @@ def test_level_installs_on_both_unets_and_compiles(fast_settings):
     """The `cross_kv` level (fp8 on the CPU, compiled) against the `fp8` level: same image within fp8's noise."""
     request = GenerationRequest(PROMPT, 3, settings=fast_settings)
     outs = {}
-    for name in ("fp8", "cross_kv"):
+    for name in ("fp8", "cross_kv", "lean"):
         level = LEVELS[name]
         from dataclasses import replace
 
@@ -127,9 +127,33 @@ def test_level_installs_on_both_unets_and_compiles(fast_settings):
                 pipes.refiner.unet.layers)
             assert pipes.base.unet.zero_rows == (0,)  # compiled with the unconditional row skipped
             assert pipes.kernel_backends["cross_kv_skip_zero_text"] == [True, True]
+        flash = [attn.processor.flash for pipe in (pipes.base, pipes.refiner)
+                 for attn in getattr(pipe.unet, "layers", [])]
+        assert flash == [] if name == "fp8" else (flash and all(flash) == (name == "lean"))
+        assert pipes.kernel_backends.get("cross_attention") == {"fp8": None, "cross_kv": "sdpa", "lean": "flash"}[name]
+        vae_processors = {type(p).__name__ for p in pipes.base.vae.attn_processors.values()}
+        assert vae_processors == ({"AttnProcessor"} if name == "lean" else {"FusedAttnProcessor2_0"})
     from sdxl_core.numerics import image_psnr
 
     assert image_psnr(outs["cross_kv"].images[0], outs["fp8"].images[0]) > 40.0
+    # other kernels for the same products: the same image within bf16's rounding (the fp8 noise is shared)
+    assert image_psnr(outs["lean"].images[0], outs["cross_kv"].images[0]) > 40.0
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_flash_attention_is_sdpa(dtype, tol):
+    """Fresh random inputs in the cross-attention's layout (keys and values split from one packed tensor, so
+    their rows are strided): FlashAttention computes SDPA's function, against a float64 reference."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for batch, heads, tokens, keys, dim in ((2, 4, 64, 77, 32), (1, 2, 17, 5, 64)):
+        q = torch.randn(batch, tokens, heads * dim, generator=gen).to(dtype)
+        kv = torch.randn(batch, keys, 2 * heads * dim, generator=gen).to(dtype)
+        k, v = torch.split(kv, heads * dim, dim=-1)
+        q, k, v = (x.view(batch, -1, heads, dim).transpose(1, 2) for x in (q, k, v))
+        out = flash_attention(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert torch.linalg.norm(out.double() - ref) / torch.linalg.norm(ref) < tol
 
 
 def test_refusals():

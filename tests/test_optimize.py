@@ -16,7 +16,7 @@ from sdxl_core.numerics import image_psnr
 from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level, set_kernel_backends
 
 ORDER = ["eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile", "cudagraphs",
-         "max", "fp8", "cross_kv", "host"]
+         "max", "fp8", "cross_kv", "host", "lean"]
 EAGER_LEVELS = ORDER[:7]  # no torch.compile: fine on a CPU
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 SEED = 3
@@ -82,7 +82,8 @@ def test_levels_are_cumulative():
         assert not cur.fuse_lora
         # booleans only ever switch one way along the ladder
         for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser", "cache_cross_kv",
-                  "images_on_device", "pin_execution_device", "cache_empty_negative", "fast_prompt_parse"):
+                  "images_on_device", "pin_execution_device", "cache_empty_negative", "fast_prompt_parse",
+                  "flash_cross_attention", "vae_classic_attention"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
@@ -109,11 +110,14 @@ def test_level_flag_progression():
         "fp8": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, False, False),
         "cross_kv": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, False),
         "host": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
+        "lean": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
     }
     assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
-    assert {n for n in ORDER if LEVELS[n].pin_execution_device} == {"host"}
-    assert {n for n in ORDER if LEVELS[n].cache_empty_negative} == {"host"}
-    assert {n for n in ORDER if LEVELS[n].fast_prompt_parse} == {"host"}
+    assert {n for n in ORDER if LEVELS[n].pin_execution_device} == {"host", "lean"}
+    assert {n for n in ORDER if LEVELS[n].cache_empty_negative} == {"host", "lean"}
+    assert {n for n in ORDER if LEVELS[n].fast_prompt_parse} == {"host", "lean"}
+    assert {n for n in ORDER if LEVELS[n].flash_cross_attention} == {"lean"}
+    assert {n for n in ORDER if LEVELS[n].vae_classic_attention} == {"lean"}
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
 
 
@@ -122,6 +126,8 @@ def test_level_flag_progression():
     (dict(compile_mode="fast"), "compile_mode must be one of"),
     (dict(sdpa=False, fused_qkv=True), "fused QKV projections use SDPA"),
     (dict(fp8_geglu=True), "fp8 GEGLU projections write bf16 outputs"),
+    (dict(flash_cross_attention=True), "set cache_cross_kv=True"),
+    (dict(sdpa=True, cache_cross_kv=True, flash_cross_attention=True, dtype="float32"), "takes fp16 or bf16"),
 ])
 def test_invalid_levels(changes, hint):
     with pytest.raises(InvalidConfigError, match=hint):
