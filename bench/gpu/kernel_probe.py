@@ -1,0 +1,200 @@
+"""Which kernel each of SDXL's attention and GEMM shapes gets, at what cost inside a CUDA graph, with how many memsets.
+
+Run 6 (``reports/gpu/NOTES.md``) found a memset before every cuDNN attention call (6,556 per image) and every fp8
+GEMM (3,240), each followed by ~3 us of idle inside the CUDA graphs, against ~0.7 us between two kernels: about
+45-55 ms of an image's 1.55 s. This probe captures 20 calls of one kernel variant in a CUDA graph, times its
+replays with device events and counts the memsets the profiler sees in one replay, for every attention shape of
+the two UNets and the VAE (SDPA's cuDNN, FlashAttention-2 and memory-efficient backends, and the classic
+matmul-softmax-matmul), the GEGLU GEMMs (bf16, fp8 row-wise and tensor-wise scaled) and 3x3 convolutions (cuDNN
+autotuned or heuristic). Each variant is checked against a float64 reference on fresh random inputs first (the
+VAE's full-resolution convolution only for finiteness: its float64 reference would take seconds).
+
+    python bench/gpu/kernel_probe.py [--out probe.json]     # about a minute on an H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Callable
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CALLS = 20  # kernel calls per captured graph
+REPLAYS = 10
+
+# (name, batch, heads, query tokens, key tokens, head dim) at 1024x1024: batch 2 under guidance; the base's
+# cross-attention attends for one row only (its unconditional row has zero text: sdxl_core/cross_kv.py).
+ATTENTION_SHAPES = [
+    ("base self 64x64", 2, 10, 4096, 4096, 64),
+    ("base self 32x32", 2, 20, 1024, 1024, 64),
+    ("base cross 64x64", 1, 10, 4096, 77, 64),
+    ("base cross 32x32", 1, 20, 1024, 77, 64),
+    ("refiner self 64x64", 2, 12, 4096, 4096, 64),
+    ("refiner self 32x32", 2, 24, 1024, 1024, 64),
+    ("refiner cross 64x64", 2, 12, 4096, 77, 64),
+    ("refiner cross 32x32", 2, 24, 1024, 77, 64),
+    ("vae mid 128x128", 1, 1, 16384, 16384, 512),
+]
+# (name, tokens, in features, out features): the GEGLU projections of the base's two transformer levels.
+GEMM_SHAPES = [("geglu 32x32", 2048, 1280, 10240), ("geglu 64x64", 8192, 640, 5120)]
+# (name, batch, channels in, channels out, side): 3x3 convolutions of the base's ResNet blocks and the VAE's last level.
+CONV_SHAPES = [("base conv 128x128", 2, 320, 320, 128), ("base conv 64x64", 2, 640, 640, 64),
+               ("base conv 32x32", 2, 1280, 1280, 32), ("vae conv 1024x1024", 1, 128, 128, 1024)]
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def graph_cost(fn: Callable[[], torch.Tensor]) -> tuple[float, float]:
+    """(microseconds per call, memsets per call) of ``fn`` captured ``CALLS`` times in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture: handles, plans, workspaces
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    memsets = sum(1 for e in prof.events() if "memset" in e.name.lower())
+    return statistics.median(times), memsets / CALLS
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float(torch.linalg.norm(out.double() - ref) / torch.linalg.norm(ref))
+
+
+def classic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """diffusers' AttnProcessor arithmetic: scores in the input dtype, softmax in float32 (upcast_softmax)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(scores.float().softmax(dim=-1).to(q.dtype), v)
+
+
+def probe_attention(dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for name, b, h, sq, skv, d in ATTENTION_SHAPES:
+        q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
+        k = torch.randn(b, h, skv, d, device="cuda", dtype=dtype)
+        v = torch.randn(b, h, skv, d, device="cuda", dtype=dtype)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        flops = 4 * b * h * sq * skv * d
+        variants: dict[str, Callable[[], torch.Tensor]] = {}
+        for label, backend in BACKENDS.items():
+            def run(backend=backend):
+                with sdpa_kernel([backend]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            variants[label] = run
+        variants["classic"] = lambda: classic_attention(q, k, v)
+        for label, fn in variants.items():
+            row = {"op": "attention", "shape": name, "variant": label}
+            try:
+                row["rel_err"] = rel_err(fn(), ref)
+                row["us"], row["memsets"] = graph_cost(fn)
+                row["tflops"] = flops / row["us"] / 1e6
+            except RuntimeError as exc:  # a backend that does not take this shape
+                row["error"] = str(exc).splitlines()[0][:120]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def probe_gemms() -> list[dict]:
+    rows = []
+    fp8 = torch.float8_e4m3fn
+    for name, m, kdim, n in GEMM_SHAPES:
+        a = torch.randn(m, kdim, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, kdim, device="cuda", dtype=torch.bfloat16) * kdim ** -0.5
+        ref = a.double() @ w.double().t()
+        a_scale = a.float().abs().amax(dim=1, keepdim=True) / 448
+        w_scale = w.float().abs().amax(dim=1, keepdim=True) / 448
+        a8, w8 = (a.float() / a_scale).to(fp8), (w.float() / w_scale).to(fp8)
+        a_t, w_t = a.float().abs().amax().reshape(()) / 448, w.float().abs().amax().reshape(()) / 448
+        a8t, w8t = (a.float() / a_t).to(fp8), (w.float() / w_t).to(fp8)
+        variants = {
+            "bf16": lambda: a @ w.t(),
+            "fp8 row-wise": lambda: torch._scaled_mm(a8, w8.t(), scale_a=a_scale, scale_b=w_scale.reshape(1, -1),
+                                                     out_dtype=torch.bfloat16),
+            "fp8 tensor-wise": lambda: torch._scaled_mm(a8t, w8t.t(), scale_a=a_t, scale_b=w_t,
+                                                        out_dtype=torch.bfloat16),
+        }
+        for label, fn in variants.items():
+            row = {"op": "gemm", "shape": f"{name} {m}x{kdim}x{n}", "variant": label}
+            try:
+                row["rel_err"] = rel_err(fn(), ref)
+                row["us"], row["memsets"] = graph_cost(fn)
+                row["tflops"] = 2 * m * kdim * n / row["us"] / 1e6
+            except RuntimeError as exc:
+                row["error"] = str(exc).splitlines()[0][:120]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def probe_convs() -> list[dict]:
+    """cuDNN's autotuned choice (``benchmark``, what the levels from ``cudnn`` on use) against its heuristic one."""
+    rows = []
+    for name, b, cin, cout, side in CONV_SHAPES:
+        x = torch.randn(b, cin, side, side, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        w = (torch.randn(cout, cin, 3, 3, device="cuda", dtype=torch.bfloat16) * (9 * cin) ** -0.5).to(
+            memory_format=torch.channels_last)
+        ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1) if side <= 128 else None
+        for label, benchmark in (("cudnn benchmark", True), ("cudnn heuristic", False)):
+            torch.backends.cudnn.benchmark = benchmark
+            fn = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
+            row = {"op": "conv", "shape": name, "variant": label}
+            try:
+                out = fn()
+                row["rel_err"] = rel_err(out, ref) if ref is not None else None
+                row["finite"] = bool(torch.isfinite(out).all())
+                row["us"], row["memsets"] = graph_cost(fn)
+                row["tflops"] = 2 * b * cin * cout * 9 * side * side / row["us"] / 1e6
+            except RuntimeError as exc:
+                row["error"] = str(exc).splitlines()[0][:120]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the rows as JSON here too")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_probe needs a CUDA GPU (it times kernels inside CUDA graphs)")
+    torch.manual_seed(0)
+    rows = probe_attention(torch.bfloat16) + probe_gemms() + probe_convs()
+    print(f"\n{'op / shape':34s} {'variant':16s} {'us/call':>9s} {'TFLOP/s':>8s} {'memsets':>8s} {'rel err':>9s}")
+    for r in rows:
+        head = f"{r['op'] + ' ' + r['shape']:34s} {r['variant']:16s}"
+        if "error" in r:
+            print(f"{head} unsupported: {r['error']}")
+        else:
+            err = f"{r['rel_err']:9.2e}" if r["rel_err"] is not None else f"{'finite' if r['finite'] else 'NON-FINITE':>9s}"
+            print(f"{head} {r['us']:9.1f} {r['tflops']:8.0f} {r['memsets']:8.2f} {err}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
