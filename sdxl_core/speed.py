@@ -34,7 +34,8 @@ from sdxl_core.numerics import image_max_abs_diff, image_psnr, relative_l2
 from sdxl_core.optimize import OptimizationLevel, apply_level, get_level
 
 # 7: per-case ``warmup_generations`` (untimed generations before the rounds, the first call included: one more
-#    under CUDA graphs, whose VAE decoder and text encoders record their graphs in the second generation);
+#    under CUDA graphs, whose VAE decoder and text encoders record their graphs in the second generation), and
+#    the host profile's ``by_stage`` (cProfile rows per stage);
 # 6: each profiled stage's ``top_kernels``; the level's host-work switches (pin_execution_device,
 #    cache_empty_negative, fast_prompt_parse); ``compile_cache`` (what was loaded and saved, see compile_cache.py);
 # 5: a profile's ``idle`` (idle time by gap size and neighbours, memsets/copies by the kernel after them) and
@@ -285,7 +286,8 @@ class SpeedRunner:
         try:
             summary = profile_generation(lambda clock: generate(pipes, request, encoder, clock), self.device, steps)
             summary["host_syncs"] = scan_host_syncs(lambda: generate(pipes, request, encoder), self.device)
-            summary["host_profile"] = profile_host(lambda: generate(pipes, request, encoder))
+            summary["host_profile"] = profile_host(lambda clock: generate(pipes, request, encoder, clock),
+                                                   self.device)
         except Exception as exc:
             summary = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
         summary["seconds"] = time.perf_counter() - t0

@@ -299,23 +299,62 @@ def _where(key: tuple[str, int, str]) -> str:
     return f"{'/'.join(PurePath(file).parts[-2:])}:{line}({func})"
 
 
-def profile_host(run: Callable[[], Any], top: int = 20) -> dict[str, Any]:
-    """Where the host's time goes in one call of ``run()``, by Python function (``cProfile``): own time and time
-    including callees, in milliseconds. A call that waits for the device (a sync, a copy to the host) shows the
-    wait as its own time. cProfile slows Python-heavy code (about 2x), so compare rows with each other."""
-    prof = cProfile.Profile()
+def _rows(stats: pstats.Stats) -> list[dict[str, Any]]:
+    return [{"where": _where(key), "calls": nc, "own_ms": tt * 1e3, "cumulative_ms": ct * 1e3}
+            for key, (_cc, nc, tt, ct, _callers) in stats.stats.items()]
+
+
+def profile_host(run: Callable[[StageClock], Any], device: torch.device, top: int = 20,
+                 stage_top: int = 8) -> dict[str, Any]:
+    """Where the host's time goes in one call of ``run(clock)``, by Python function (``cProfile``): own time and
+    time including callees, in milliseconds, for the whole call and per stage (``by_stage``: each mark of the
+    :class:`StageClock` given to ``run`` switches to that stage's profile; what runs before the first mark is
+    ``(start)``). A call that waits for the device (a sync, a copy to the host) shows the wait as its own time.
+    cProfile slows Python-heavy code (about 2x), so compare rows with each other."""
+    profiles: dict[str, cProfile.Profile] = {}
+    walls: dict[str, float] = {}
+    current: list[Any] = []  # [stage name, its profile, when it started]
+
+    def switch(name: str | None) -> None:
+        now = time.perf_counter()
+        if current:
+            stage, prof, since = current
+            prof.disable()
+            walls[stage] += now - since
+            current.clear()
+        if name is None or name == "end":
+            return
+        prof = profiles.setdefault(name, cProfile.Profile())
+        walls.setdefault(name, 0.0)
+        current.extend([name, prof, now])
+        prof.enable()
+
     t0 = time.perf_counter()
-    prof.enable()
+    switch("(start)")
     try:
-        run()
+        run(StageClock(device, marker=switch))
     finally:
-        prof.disable()
+        switch(None)
     wall = time.perf_counter() - t0
-    rows = [{"where": _where(key), "calls": nc, "own_ms": tt * 1e3, "cumulative_ms": ct * 1e3}
-            for key, (_cc, nc, tt, ct, _callers) in pstats.Stats(prof).stats.items()]
+    per_stage = {}
+    total: pstats.Stats | None = None
+    for name, prof in profiles.items():
+        try:
+            stats = pstats.Stats(prof)
+        except TypeError:  # nothing was recorded in this stage
+            continue
+        rows = _rows(stats)
+        per_stage[name] = {"wall_ms": walls[name] * 1e3,
+                           "by_own": sorted(rows, key=lambda r: -r["own_ms"])[:stage_top]}
+        if total is None:
+            total = stats
+        else:
+            total.add(stats)
+    rows = _rows(total) if total is not None else []
     return {"wall_s": wall,
             "by_own": sorted(rows, key=lambda r: -r["own_ms"])[:top],
-            "by_cumulative": sorted(rows, key=lambda r: -r["cumulative_ms"])[:top]}
+            "by_cumulative": sorted(rows, key=lambda r: -r["cumulative_ms"])[:top],
+            "by_stage": per_stage}
 
 
 def format_profile(summary: dict[str, Any], top: int = 8) -> str:
@@ -352,6 +391,9 @@ def format_profile(summary: dict[str, Any], top: int = 8) -> str:
     if host:
         lines.append(f"  host (cProfile, {host['wall_s'] * 1e3:.0f} ms in all): own time")
         lines += [f"    {r['own_ms']:8.1f} ms {r['calls']:6d}x {r['where'][:110]}" for r in host["by_own"][:top]]
+        for stage, st in host.get("by_stage", {}).items():
+            lines.append(f"    {stage} ({st['wall_ms']:.1f} ms): " + "; ".join(
+                f"{r['own_ms']:.1f} ms {r['calls']}x {r['where'][-60:]}" for r in st["by_own"][:4]))
     syncs = summary.get("host_syncs", {})
     if syncs.get("applicable"):
         lines.append(f"  host syncs: {syncs['syncs']}" + "".join(f"\n    {d['count']}x {d['where'][-150:]}"

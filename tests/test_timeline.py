@@ -106,22 +106,37 @@ def _busy_python(n: int) -> int:
 
 
 def test_host_profile_finds_where_python_spends_its_time():
-    def run():
+    def run(clock):
+        _busy_python(1000)  # before the first mark
+        clock.mark("text_encoding")
         _busy_python(200_000)
+        clock.mark("base_denoising")
         time.sleep(0.05)
+        clock.mark("end")
+        _busy_python(1000)  # after the end: in no stage
 
-    host = profile_host(run, top=10)
+    host = profile_host(run, torch.device("cpu"), top=10)
     assert host["wall_s"] >= 0.05
     own = {r["where"]: r for r in host["by_own"]}
     sleep = own["<built-in method time.sleep>"]
     assert sleep["calls"] == 1 and 45 <= sleep["own_ms"] <= host["wall_s"] * 1e3
     busy = next(r for r in host["by_cumulative"] if r["where"].endswith("(_busy_python)"))
-    assert busy["where"].startswith("tests/test_timeline.py:") and busy["calls"] == 1
+    assert busy["where"].startswith("tests/test_timeline.py:")
     assert busy["cumulative_ms"] > busy["own_ms"] > 0  # its generator expression runs as a callee
     assert [r["own_ms"] for r in host["by_own"]] == sorted((r["own_ms"] for r in host["by_own"]), reverse=True)
+    # by stage: each function's time lands in the stage it ran in
+    stages = host["by_stage"]
+    assert list(stages) == ["(start)", "text_encoding", "base_denoising"]
+    where = {name: {r["where"]: r for r in st["by_own"]} for name, st in stages.items()}
+    assert "<built-in method time.sleep>" in where["base_denoising"]
+    assert all("time.sleep" not in w for name in ("(start)", "text_encoding") for w in where[name])
+    assert stages["base_denoising"]["wall_ms"] >= 50
+    gen = next(r for w, r in where["text_encoding"].items() if "<genexpr>" in w)
+    assert gen["calls"] == 200_001 and next(r for w, r in where["(start)"].items() if "<genexpr>" in w)["calls"] == 1001
+    assert busy["calls"] == 2  # the whole-call rows add the stages up: before the first mark and in text_encoding
     text = format_profile({"span_ms": 1.0, "busy_ms": 1.0, "idle_ms": 0.0, "kernels": 0, "stages": {},
                            "per_class": {}, "top_kernels": [], "largest_gaps": [], "host_profile": host})
-    assert "host (cProfile" in text and "time.sleep" in text
+    assert "host (cProfile" in text and "time.sleep" in text and "base_denoising (" in text
 
 
 def test_summarize_refuses_markers_that_do_not_fit():
