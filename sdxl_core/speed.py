@@ -49,7 +49,7 @@ DEFAULT_PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++,
 # image within IMAGE_PSNR_MIN dB of eager's, and everything is finite. Measured differences are recorded.
 LATENT_REL_TOL = 0.1
 IMAGE_PSNR_MIN = 25.0
-# Seconds a profiled case needs beyond its three extra generations: the profiler's trace of ~80k kernels.
+# Seconds a profiled case needs beyond its four extra generations: the profiler's trace of ~80k kernels.
 PROFILE_OVERHEAD_S = 30.0
 # What a case's profile says in the result file while it is still running (replaced when the case ends).
 PROFILE_UNFINISHED = "not finished: the run stopped while this case's profile was being taken"
@@ -271,8 +271,8 @@ class SpeedRunner:
         return result
 
     def _profile(self, pipes: Pipelines, request: GenerationRequest, encoder: PromptEncoder) -> dict[str, Any]:
-        """A device timeline of one more generation, a host-sync scan of another and a cProfile of the host in a
-        third (all after the timed rounds, so they change no timing). A failure is recorded in the result, and the
+        """A device timeline of one more generation, a host-sync scan of another and cProfiles of the host in a
+        third (whole) and a fourth (by stage), all after the timed rounds, so they change no timing. A failure is recorded in the result, and the
         case's timings stand."""
         from sdxl_core.timeline import profile_generation, profile_host, scan_host_syncs
 
@@ -445,7 +445,7 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
             warm = max(runner.warmup, 2 if level.cuda_graphs else 1)
             need = estimated_overhead_s(case, payload["results"], cached) + (warm + runner.rounds) * per_round
             if case.name in runner.profile_cases:
-                need += PROFILE_OVERHEAD_S + 3 * per_round
+                need += PROFILE_OVERHEAD_S + 4 * per_round
             left = deadline - time.time()
             if left < need:
                 skipped = SpeedResult(case.name, get_level(case.level).as_dict(), case.batch_size, case.lora,

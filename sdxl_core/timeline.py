@@ -306,11 +306,29 @@ def _rows(stats: pstats.Stats) -> list[dict[str, Any]]:
 
 def profile_host(run: Callable[[StageClock], Any], device: torch.device, top: int = 20,
                  stage_top: int = 8) -> dict[str, Any]:
-    """Where the host's time goes in one call of ``run(clock)``, by Python function (``cProfile``): own time and
-    time including callees, in milliseconds, for the whole call and per stage (``by_stage``: each mark of the
-    :class:`StageClock` given to ``run`` switches to that stage's profile; what runs before the first mark is
-    ``(start)``). A call that waits for the device (a sync, a copy to the host) shows the wait as its own time.
+    """Where the host's time goes in a call of ``run(clock)``, by Python function (``cProfile``): own time and
+    time including callees, in milliseconds, for one whole call, then per stage in a second call (``by_stage``:
+    each mark of the :class:`StageClock` given to ``run`` switches to that stage's profile; what runs before the
+    first mark is ``(start)``; a function that spans stages has no cumulative time there, hence the whole call
+    first). A call that waits for the device (a sync, a copy to the host) shows the wait as its own time.
     cProfile slows Python-heavy code (about 2x), so compare rows with each other."""
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        run(StageClock(device))
+    finally:
+        prof.disable()
+    wall = time.perf_counter() - t0
+    rows = _rows(pstats.Stats(prof))
+    return {"wall_s": wall,
+            "by_own": sorted(rows, key=lambda r: -r["own_ms"])[:top],
+            "by_cumulative": sorted(rows, key=lambda r: -r["cumulative_ms"])[:top],
+            "by_stage": _profile_by_stage(run, device, stage_top)}
+
+
+def _profile_by_stage(run: Callable[[StageClock], Any], device: torch.device, top: int) -> dict[str, Any]:
+    """Own time by function for each stage of one call of ``run(clock)`` (see :func:`profile_host`)."""
     profiles: dict[str, cProfile.Profile] = {}
     walls: dict[str, float] = {}
     current: list[Any] = []  # [stage name, its profile, when it started]
@@ -329,32 +347,19 @@ def profile_host(run: Callable[[StageClock], Any], device: torch.device, top: in
         current.extend([name, prof, now])
         prof.enable()
 
-    t0 = time.perf_counter()
     switch("(start)")
     try:
         run(StageClock(device, marker=switch))
     finally:
         switch(None)
-    wall = time.perf_counter() - t0
     per_stage = {}
-    total: pstats.Stats | None = None
     for name, prof in profiles.items():
         try:
-            stats = pstats.Stats(prof)
+            rows = _rows(pstats.Stats(prof))
         except TypeError:  # nothing was recorded in this stage
             continue
-        rows = _rows(stats)
-        per_stage[name] = {"wall_ms": walls[name] * 1e3,
-                           "by_own": sorted(rows, key=lambda r: -r["own_ms"])[:stage_top]}
-        if total is None:
-            total = stats
-        else:
-            total.add(stats)
-    rows = _rows(total) if total is not None else []
-    return {"wall_s": wall,
-            "by_own": sorted(rows, key=lambda r: -r["own_ms"])[:top],
-            "by_cumulative": sorted(rows, key=lambda r: -r["cumulative_ms"])[:top],
-            "by_stage": per_stage}
+        per_stage[name] = {"wall_ms": walls[name] * 1e3, "by_own": sorted(rows, key=lambda r: -r["own_ms"])[:top]}
+    return per_stage
 
 
 def format_profile(summary: dict[str, Any], top: int = 8) -> str:

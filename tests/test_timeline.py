@@ -133,7 +133,7 @@ def test_host_profile_finds_where_python_spends_its_time():
     assert stages["base_denoising"]["wall_ms"] >= 50
     gen = next(r for w, r in where["text_encoding"].items() if "<genexpr>" in w)
     assert gen["calls"] == 200_001 and next(r for w, r in where["(start)"].items() if "<genexpr>" in w)["calls"] == 1001
-    assert busy["calls"] == 2  # the whole-call rows add the stages up: before the first mark and in text_encoding
+    assert busy["calls"] == 3  # the whole-call rows: before the first mark, in text_encoding and after the end
     text = format_profile({"span_ms": 1.0, "busy_ms": 1.0, "idle_ms": 0.0, "kernels": 0, "stages": {},
                            "per_class": {}, "top_kernels": [], "largest_gaps": [], "host_profile": host})
     assert "host (cProfile" in text and "time.sleep" in text and "base_denoising (" in text
