@@ -272,8 +272,8 @@ class SpeedRunner:
 
     def _profile(self, pipes: Pipelines, request: GenerationRequest, encoder: PromptEncoder) -> dict[str, Any]:
         """A device timeline of one more generation, a host-sync scan of another and cProfiles of the host in a
-        third (whole) and a fourth (by stage), all after the timed rounds, so they change no timing. A failure is recorded in the result, and the
-        case's timings stand."""
+        third (whole) and a fourth (by stage), all after the timed rounds, so they change no timing. A failure is
+        recorded in the result, and the case's timings stand."""
         from sdxl_core.timeline import profile_generation, profile_host, scan_host_syncs
 
         s = self.settings
