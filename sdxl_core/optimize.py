@@ -130,8 +130,8 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                    images_on_device=True, pin_execution_device=True, cache_empty_negative=True,
                    fast_prompt_parse=True)
     lean = replace(host, name="lean",
-                   description="+ cross-attention through FlashAttention-2 instead of SDPA's cuDNN kernel, which a CUDA "
-                               "graph precedes with a memset at every call (over 77 keys the product is small, so "
+                   description="+ cross-attention through FlashAttention-2 instead of SDPA's cuDNN kernel, which a "
+                               "CUDA graph precedes with a memset at every call (over 77 keys the product is small, so "
                                "the overhead is most of the cost), and the VAE decoder's one attention (16,384 "
                                "tokens, head dim 512, which no flash kernel takes) as diffusers' classic matmul-"
                                "softmax-matmul instead of the memory-efficient kernel (4.6 ms in run 6)",
@@ -238,6 +238,14 @@ def set_kernel_backends(level: OptimizationLevel, device: torch.device, dtype: t
     return chosen
 
 
+def _check_flash_head_dim(attn: Any, device: torch.device) -> None:
+    """FlashAttention-2 on CUDA takes head dims that are multiples of 8 up to 256 (SDXL's are 64)."""
+    head_dim = attn.processor.width // 2 // attn.heads
+    if device.type == "cuda" and (head_dim % 8 or head_dim > 256):
+        raise InvalidConfigError(f"cross-attention head dim {head_dim}: FlashAttention-2 takes multiples of 8 up to "
+                                 f"256; choose a level without flash_cross_attention (e.g. host)")
+
+
 def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
     """Apply ``level`` to ``pipes`` in place (dtype, attention, layout, fusion, VAE upcast, compile)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -287,6 +295,8 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
         pipes.kernel_backends["cross_kv_skip_zero_text"] = [cache.skip_zero_text for cache in caches]
         for cache in caches:
             for attn in cache.layers:
+                if level.flash_cross_attention:
+                    _check_flash_head_dim(attn, pipes.device)
                 attn.processor.flash = level.flash_cross_attention
         pipes.kernel_backends["cross_attention"] = "flash" if level.flash_cross_attention else "sdpa"
     pipes.share_text_embeddings = level.share_text_embeddings

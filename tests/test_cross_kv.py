@@ -264,3 +264,18 @@ def test_zero_text_rows_with_a_lora_and_through_the_pipelines(fast_settings):
     assert caches[0].zero_rows == (0,)
     assert np.abs(np.asarray(out.images[0], dtype=int) - np.asarray(ref.images[0], dtype=int)).max() <= 1
     assert torch.allclose(out.latents, ref.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_flash_cross_attention_refuses_head_dims_flash_attention_2_does_not_take():
+    from sdxl_core.optimize import _check_flash_head_dim
+
+    pipes = _fresh()
+    cache = install(pipes.base)
+    attn = cache.layers[0]
+    head_dim = attn.processor.width // 2 // attn.heads
+    assert head_dim % 8 == 0 and head_dim <= 256
+    _check_flash_head_dim(attn, torch.device("cuda"))  # the tiny model's head dim passes
+    attn.heads = attn.processor.width // 2 // 4  # head dim 4: refused on CUDA, fine on the CPU's flash kernel
+    with pytest.raises(InvalidConfigError, match="multiples of 8 up to 256.*without flash_cross_attention"):
+        _check_flash_head_dim(attn, torch.device("cuda"))
+    _check_flash_head_dim(attn, torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""Which kernel each of SDXL's attention and GEMM shapes gets, at what cost inside a CUDA graph, with how many memsets.
+"""Which kernel SDXL's attention, GEMM and convolution shapes get, at what cost in a CUDA graph, with how many memsets.
 
 Run 6 (``reports/gpu/NOTES.md``) found a memset before every cuDNN attention call (6,556 per image) and every fp8
 GEMM (3,240), each followed by ~3 us of idle inside the CUDA graphs, against ~0.7 us between two kernels: about
@@ -40,7 +40,7 @@ ATTENTION_SHAPES = [
 ]
 # (name, tokens, in features, out features): the GEGLU projections of the base's two transformer levels.
 GEMM_SHAPES = [("geglu 32x32", 2048, 1280, 10240), ("geglu 64x64", 8192, 640, 5120)]
-# (name, batch, channels in, channels out, side): 3x3 convolutions of the base's ResNet blocks and the VAE's last level.
+# (name, batch, channels in, channels out, side): 3x3 convolutions of the base's ResNets and the VAE's last level.
 CONV_SHAPES = [("base conv 128x128", 2, 320, 320, 128), ("base conv 64x64", 2, 640, 640, 64),
                ("base conv 32x32", 2, 1280, 1280, 32), ("vae conv 1024x1024", 1, 128, 128, 1024)]
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -153,7 +153,8 @@ def probe_convs() -> list[dict]:
     """cuDNN's autotuned choice (``benchmark``, what the levels from ``cudnn`` on use) against its heuristic one."""
     rows = []
     for name, b, cin, cout, side in CONV_SHAPES:
-        x = torch.randn(b, cin, side, side, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        x = torch.randn(b, cin, side, side, device="cuda", dtype=torch.bfloat16)
+        x = x.to(memory_format=torch.channels_last)
         w = (torch.randn(cout, cin, 3, 3, device="cuda", dtype=torch.bfloat16) * (9 * cin) ** -0.5).to(
             memory_format=torch.channels_last)
         ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1) if side <= 128 else None
@@ -189,7 +190,8 @@ def main() -> None:
         if "error" in r:
             print(f"{head} unsupported: {r['error']}")
         else:
-            err = f"{r['rel_err']:9.2e}" if r["rel_err"] is not None else f"{'finite' if r['finite'] else 'NON-FINITE':>9s}"
+            finite = "finite" if r.get("finite", True) else "NON-FINITE"
+            err = f"{r['rel_err']:9.2e}" if r["rel_err"] is not None else f"{finite:>9s}"
             print(f"{head} {r['us']:9.1f} {r['tflops']:8.0f} {r['memsets']:8.2f} {err}")
     if args.out:
         with open(args.out, "w") as f:
