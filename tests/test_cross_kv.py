@@ -131,6 +131,14 @@ def test_level_installs_on_both_unets_and_compiles(fast_settings):
                  for attn in getattr(pipe.unet, "layers", [])]
         assert flash == [] if name == "fp8" else (flash and all(flash) == (name == "lean"))
         assert pipes.kernel_backends.get("cross_attention") == {"fp8": None, "cross_kv": "sdpa", "lean": "flash"}[name]
+        from sdxl_core.subpixel import SubpixelUpsample2D
+
+        unets = [getattr(pipe.unet, "unet", pipe.unet) for pipe in (pipes.base, pipes.refiner)]
+        subpixel = sum(isinstance(m, SubpixelUpsample2D) for model in (*unets, pipes.base.vae) for m in model.modules())
+        if name == "lean":
+            assert subpixel > 0 and pipes.kernel_backends["subpixel_upsamplers"] == subpixel
+        else:
+            assert subpixel == 0 and "subpixel_upsamplers" not in pipes.kernel_backends
         vae_processors = {type(p).__name__ for p in pipes.base.vae.attn_processors.values()}
         assert vae_processors == ({"AttnProcessor"} if name == "lean" else {"FusedAttnProcessor2_0"})
     from sdxl_core.numerics import image_psnr

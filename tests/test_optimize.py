@@ -83,7 +83,7 @@ def test_levels_are_cumulative():
         # booleans only ever switch one way along the ladder
         for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser", "cache_cross_kv",
                   "images_on_device", "pin_execution_device", "cache_empty_negative", "fast_prompt_parse",
-                  "flash_cross_attention", "vae_classic_attention"):
+                  "flash_cross_attention", "vae_classic_attention", "subpixel_upsample"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
@@ -118,6 +118,7 @@ def test_level_flag_progression():
     assert {n for n in ORDER if LEVELS[n].fast_prompt_parse} == {"host", "lean"}
     assert {n for n in ORDER if LEVELS[n].flash_cross_attention} == {"lean"}
     assert {n for n in ORDER if LEVELS[n].vae_classic_attention} == {"lean"}
+    assert {n for n in ORDER if LEVELS[n].subpixel_upsample} == {"lean"}
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
 
 
