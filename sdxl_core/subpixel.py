@@ -92,8 +92,9 @@ def convert_upsamplers(model: nn.Module) -> int:
     for name, module in todo:
         conv = module.conv if module.name == "conv" else module.Conv2d_0
         if type(conv) is not nn.Conv2d:
-            raise InvalidConfigError(f"{name}'s convolution is a {type(conv).__name__}, not a plain Conv2d (an unfused "
-                                     f"LoRA adapter?); fuse the LoRA first or choose a level without subpixel upsampling")
+            raise InvalidConfigError(f"{name}'s convolution is a {type(conv).__name__}, not a plain Conv2d (an "
+                                     f"unfused LoRA adapter?); fuse the LoRA first or choose a level without "
+                                     f"subpixel upsampling")
     converted = 0
     for name, module in todo:
         if not _eligible(module):
