@@ -46,6 +46,12 @@ class Pipelines:
 
     @property
     def device(self) -> torch.device:
+        """Where the base runs: its pinned execution device when a level pinned it (``sdxl_core.host_work``; no
+        walk over the UNet's modules, which diffusers' ``unet.device`` does at every call), else the base UNet's."""
+        from sdxl_core.host_work import is_pinned
+
+        if is_pinned(self.base):
+            return self.base._execution_device
         return self.base.unet.device
 
     @property

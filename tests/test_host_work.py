@@ -59,6 +59,16 @@ def test_pinned_device_is_diffusers_answer_without_the_walk(own_pipes, walks):
     assert set(pipe.components) == set(own_pipes.refiner.components) | {"text_encoder", "tokenizer"}
 
 
+def test_a_pinned_base_answers_the_harness_device_without_the_walk(own_pipes, walks):
+    """``Pipelines.device`` (read by ``generate`` at every image, before its first stage) walks the base UNet's modules
+    through diffusers' ``unet.device`` until the base is pinned, then answers from the pinned device."""
+    expected = own_pipes.device
+    assert walks and expected == torch.device("cpu")
+    pin_execution_device(own_pipes.base)
+    walks.clear()
+    assert own_pipes.device == expected and walks == []
+
+
 def test_pinning_twice_keeps_one_subclass_and_asks_again(own_pipes, walks):
     pipe = own_pipes.refiner
     pin_execution_device(pipe)
