@@ -70,6 +70,8 @@ class SubpixelUpsample2D(nn.Module):
         z = torch.stack(phases, dim=2).view(n, out, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, out, 2 * h, 2 * w)
         if self.bias is not None:
             z = z + self.bias.view(1, -1, 1, 1)
+        if hidden_states.is_contiguous(memory_format=torch.channels_last) and not hidden_states.is_contiguous():
+            z = z.contiguous(memory_format=torch.channels_last)  # as the interpolate-then-convolve path leaves it
         return z
 
 

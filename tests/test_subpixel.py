@@ -71,6 +71,8 @@ def test_bf16_channels_last_stays_within_rounding():
         assert sub.weight.dtype == torch.bfloat16 and sub.weight.is_contiguous(memory_format=torch.channels_last)
         out = sub(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
         plain = low(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last) == plain.is_contiguous(
+        memory_format=torch.channels_last) == True  # noqa: E712: the layout the next layers get is unchanged
     rel = lambda a: float(torch.linalg.norm(a.double() - ref) / torch.linalg.norm(ref))  # noqa: E731
     assert rel(out) < 2e-2 and rel(plain) < 2e-2  # both bf16 paths are bf16-close to float64
 
