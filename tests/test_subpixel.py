@@ -37,12 +37,15 @@ def test_same_function_as_upsample_then_convolve(name, bias, h, w):
     assert torch.allclose(out, ref, rtol=0, atol=1e-11 * ref.abs().max())
 
 
+def _layers_and_input(cin: int, cout: int, h: int, w: int) -> tuple[Upsample2D, SubpixelUpsample2D, torch.Tensor]:
+    gen = _seed()
+    up = _upsampler(cin, cout, gen)
+    return up, SubpixelUpsample2D(up), torch.randn(1, cin, h, w, generator=gen, dtype=torch.float64)
+
+
 def test_a_wrong_tap_assignment_is_caught():
     """The check above can fail: summing the taps the other way round (odd rows on (0, 1+2)) gives another function."""
-    gen = _seed()
-    up = _upsampler(3, 4, gen)
-    x = torch.randn(1, 3, 6, 6, generator=gen, dtype=torch.float64)
-    sub = SubpixelUpsample2D(up)
+    up, sub, x = _layers_and_input(3, 4, 6, 6)
     with torch.no_grad():
         good = (sub(x) - up(x)).abs().max()
         sub.weight.copy_(subpixel_weight(up.conv.weight.flip(2)))  # kernel rows reversed: taps summed wrongly
@@ -51,10 +54,7 @@ def test_a_wrong_tap_assignment_is_caught():
 
 
 def test_other_output_sizes_run_the_original_layer():
-    gen = _seed()
-    up = _upsampler(3, 3, gen)
-    x = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64)
-    sub = SubpixelUpsample2D(up)
+    up, sub, x = _layers_and_input(3, 3, 4, 5)
     with torch.no_grad():
         assert torch.equal(sub(x, (9, 11)), up(x, (9, 11)))
         assert torch.allclose(sub(x, (8, 10)), up(x), rtol=0, atol=1e-10)
