@@ -41,6 +41,11 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(blocks)
 
 
+def _conv(upsample: nn.Module) -> nn.Module:
+    """An ``Upsample2D``'s convolution, under either of the names diffusers gives it."""
+    return upsample.conv if upsample.name == "conv" else upsample.Conv2d_0
+
+
 class SubpixelUpsample2D(nn.Module):
     """Stands in for a diffusers ``Upsample2D`` with ``use_conv`` (3x3, padding 1, nearest 2x interpolation, no
     norm): the same output from a 2x2 convolution at the input's resolution and a pixel shuffle. An
@@ -48,7 +53,7 @@ class SubpixelUpsample2D(nn.Module):
 
     def __init__(self, upsample: nn.Module):
         super().__init__()
-        conv = upsample.conv if upsample.name == "conv" else upsample.Conv2d_0
+        conv = _conv(upsample)
         self.channels = upsample.channels
         self.out_channels = upsample.out_channels
         self.original = upsample
@@ -76,7 +81,7 @@ class SubpixelUpsample2D(nn.Module):
 
 
 def _eligible(module: nn.Module) -> bool:
-    conv = getattr(module, "conv", None) if getattr(module, "name", "conv") == "conv" else getattr(module, "Conv2d_0")
+    conv = _conv(module)
     return (module.use_conv and not module.use_conv_transpose and module.interpolate and module.norm is None
             and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
@@ -92,7 +97,7 @@ def convert_upsamplers(model: nn.Module) -> int:
     todo = [(name, m) for name, m in model.named_modules() if type(m) is Upsample2D and m.use_conv
             and not any(name.startswith(prefix + ".") for prefix in inside)]  # not a converted one's original
     for name, module in todo:
-        conv = module.conv if module.name == "conv" else module.Conv2d_0
+        conv = _conv(module)
         if type(conv) is not nn.Conv2d:
             raise InvalidConfigError(f"{name}'s convolution is a {type(conv).__name__}, not a plain Conv2d (an "
                                      f"unfused LoRA adapter?); fuse the LoRA first or choose a level without "
