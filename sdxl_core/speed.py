@@ -200,6 +200,12 @@ class SpeedRunner:
     def flops_per_image(self, batch_size: int) -> float:
         return self.workload(batch_size).total / batch_size
 
+    def warmup_generations(self, level: OptimizationLevel) -> int:
+        """Untimed generations before the rounds, the first call included. Timed rounds start once every graph is
+        recorded: CUDA graph trees run a compiled function once without a graph and record it at its next call, so
+        the modules called once per image (VAE decoder, text encoders) record theirs in the second generation."""
+        return max(self.warmup, 2 if level.cuda_graphs else 1)
+
     def run(self, case: SpeedCase, on_timed: Callable[[SpeedResult], None] | None = None) -> SpeedResult:
         """Build, warm up, time and check one case; ``on_timed(result)`` is called with the timings before the
         extra profiled generations of a ``profile_cases`` case (so a caller can save them first)."""
@@ -230,10 +236,7 @@ class SpeedRunner:
             _sync(self.device)
             result.first_call_s = time.perf_counter() - t0
             result.first_call_stage_seconds = dict(out.stage_seconds)
-            # Timed rounds start once every graph is recorded: CUDA graph trees run a compiled function once without
-            # a graph and record it at its next call, so the modules called once per image (VAE decoder, text
-            # encoders) record theirs in the second generation.
-            result.warmup_generations = max(self.warmup, 2 if level.cuda_graphs else 1)
+            result.warmup_generations = self.warmup_generations(level)
             for _ in range(result.warmup_generations - 1):
                 generate(pipes, request, encoder)
             if self.device.type == "cuda":
@@ -442,8 +445,8 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
         if deadline is not None:
             level = get_level(case.level)
             per_round = last_round_s * case.batch_size * (0.5 if level.compile_mode is not None else 1.0)
-            warm = max(runner.warmup, 2 if level.cuda_graphs else 1)
-            need = estimated_overhead_s(case, payload["results"], cached) + (warm + runner.rounds) * per_round
+            need = (estimated_overhead_s(case, payload["results"], cached)
+                    + (runner.warmup_generations(level) + runner.rounds) * per_round)
             if case.name in runner.profile_cases:
                 need += PROFILE_OVERHEAD_S + 4 * per_round
             left = deadline - time.time()
