@@ -548,7 +548,7 @@ def _cache_saver(args: Any) -> Callable[[dict[str, Any], dict[str, Any]], None] 
         from sdxl_core.compile_cache import save
 
         t0 = time.perf_counter()
-        compiled = [r["case"] for r in [*payload.get("results", []), result]
+        compiled = [r["case"] for r in payload["results"]  # the suite appends ``result`` before this runs
                     if r["status"] == "ok" and r["level"].get("compile_mode") is not None]
         try:
             saved = save(Path(folder), cases=list(dict.fromkeys(compiled)))
