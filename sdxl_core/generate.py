@@ -125,7 +125,9 @@ class PromptEncoder:
     the same parse in about half the time, and in milliseconds for nested parentheses, where the parser without
     it takes time exponential in the depth (depth 7: 19.7 s -> 10 ms on 2 cores). ``None`` leaves the switch as it
     is: the speed suite sets it per optimisation level, so ``eager`` times compel as it ships. With
-    ``pipes.fast_prompt_parse`` compel parses through :mod:`sdxl_core.prompt_parse` (the same parse, faster)."""
+    ``pipes.fast_prompt_parse`` compel parses through :mod:`sdxl_core.prompt_parse` (the same parse, faster); with
+    ``pipes.text_encoder_graphs`` it calls the text encoders through their CUDA graphs
+    (:mod:`sdxl_core.text_graphs`)."""
 
     def __init__(self, pipes: Pipelines, packrat: bool | None = True):
         from compel import ReturnedEmbeddingsType
@@ -141,7 +143,8 @@ class PromptEncoder:
         with contextlib.redirect_stdout(io.StringIO()):  # compel prints a deprecation note for the list form
             self.base = compel_cls(
                 tokenizer=[base.tokenizer, base.tokenizer_2],
-                text_encoder=[base.text_encoder, base.text_encoder_2],
+                text_encoder=[pipes.text_encoder_for_compel(base, "text_encoder"),
+                              pipes.text_encoder_for_compel(base, "text_encoder_2")],
                 returned_embeddings_type=kind,
                 requires_pooled=[False, True],
             )
@@ -149,7 +152,7 @@ class PromptEncoder:
         if pipes.refiner is not None:
             self.refiner = compel_cls(
                 tokenizer=pipes.refiner.tokenizer_2,
-                text_encoder=pipes.refiner.text_encoder_2,
+                text_encoder=pipes.text_encoder_for_compel(pipes.refiner, "text_encoder_2"),
                 returned_embeddings_type=kind,
                 requires_pooled=True,
             )

@@ -58,7 +58,7 @@ def is_pinned(pipe: Any) -> bool:
     return _PINNED_ATTR in pipe.__dict__ and type(pipe)._execution_device.fget is _pinned_device
 
 
-def _has_lora_layers(module: torch.nn.Module) -> bool:
+def has_lora_layers(module: torch.nn.Module) -> bool:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # without peft nothing can have been loaded
@@ -78,7 +78,7 @@ class EmptyNegativeCache:
         if getattr(pipe, "text_encoder_2", None) is None:
             raise InvalidConfigError("the empty-negative cache needs the refiner's text_encoder_2; use a level without "
                                      "cache_empty_negative for this pipeline")
-        if _has_lora_layers(pipe.text_encoder_2):
+        if has_lora_layers(pipe.text_encoder_2):
             raise InvalidConfigError(
                 "text_encoder_2 carries LoRA layers, whose scale can change between images, so the refiner's "
                 "embeddings of the empty negative prompt cannot be cached; use a level without cache_empty_negative")

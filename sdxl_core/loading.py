@@ -41,6 +41,9 @@ class Pipelines:
     # The refiner's embeddings of the empty negative prompt, made once (sdxl_core.host_work.EmptyNegativeCache);
     # None: diffusers encodes "" for every image.
     empty_negative: Any = None
+    # compel's view of the base's text encoders replayed from CUDA graphs (sdxl_core.text_graphs), by component
+    # name; empty: compel calls the modules themselves.
+    text_encoder_graphs: dict[str, Any] = field(default_factory=dict)
     # Process-wide kernel choices the last optimisation level made (SDPA backend order, cuDNN autotuning).
     kernel_backends: dict[str, Any] = field(default_factory=dict)
 
@@ -53,6 +56,13 @@ class Pipelines:
         if is_pinned(self.base):
             return self.base._execution_device
         return self.base.unet.device
+
+    def text_encoder_for_compel(self, pipe: Any, name: str) -> Any:
+        """``pipe``'s text encoder ``name`` as compel should call it: its CUDA-graph replayer when a level made one
+        for that module (the refiner's ``text_encoder_2`` is the base's), else the module."""
+        encoder = getattr(pipe, name)
+        graphed = self.text_encoder_graphs.get(name)
+        return graphed if graphed is not None and graphed.encoder is encoder else encoder
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,7 +5,8 @@ diffusers' pre-PyTorch-2 attention) to ``max`` (everything, with ``torch.compile
 ``fp8`` (``max`` with fp8 GEGLU projections, which changes the arithmetic and so is kept apart from ``max``) and
 ``cross_kv`` (``fp8`` with the cross-attention keys and values computed once per image) and ``host`` (``cross_kv``
 with less host work per image: see ``sdxl_core/host_work.py``) and ``lean`` (``host`` with other attention kernels
-where SDPA's choice costs more than the product: the cross-attention and the VAE decoder's attention).
+where SDPA's choice costs more than the product: the cross-attention and the VAE decoder's attention) and
+``text_graphs`` (``lean`` with compel's text encoder calls replayed from CUDA graphs: ``sdxl_core/text_graphs.py``).
 Each is checked against ``eager`` on the same seed by the speed suite.
 """
 
@@ -50,6 +51,7 @@ class OptimizationLevel:
     flash_cross_attention: bool = False
     vae_classic_attention: bool = False
     subpixel_upsample: bool = False
+    text_encoder_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -140,7 +142,13 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                                "resolution and a pixel shuffle: the same function in 4/9 of the multiply-adds "
                                "(sdxl_core/subpixel.py)",
                    flash_cross_attention=True, vae_classic_attention=True, subpixel_upsample=True)
-    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv, host, lean)
+    text_graphs = replace(lean, name="text_graphs",
+                          description="+ compel's text encoder calls replayed from CUDA graphs, one per call "
+                                      "signature, recorded at its second call, their outputs copied out for compel "
+                                      "to keep, instead of ~1,000 kernels launched one by one from inductor's "
+                                      "wrapper per image (sdxl_core/text_graphs.py)",
+                          text_encoder_graphs=True)
+    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv, host, lean, text_graphs)
 
 
 LEVELS: dict[str, OptimizationLevel] = {level.name: level for level in _levels()}
@@ -292,8 +300,13 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
         mods["vae"].decoder.compile(fullgraph=True, mode=mode, dynamic=False)
     if level.compile_text_encoders:
         configure_inductor()
-        # Default mode, no CUDA graphs: compel keeps one call's outputs while it makes the next.
+        # Default mode, no CUDA graphs: compel keeps one call's outputs while it makes the next (text_encoder_graphs
+        # records graphs of its own, whose outputs it copies).
         for name in ("text_encoder", "text_encoder_2"):
+            if level.text_encoder_graphs:  # one graph per call to capture, not two pieces
+                from sdxl_core.text_graphs import install_output_capture_hooks
+
+                install_output_capture_hooks(mods[name])
             mods[name].compile(dynamic=False)
     if level.cache_cross_kv:  # last: it records the attention layout that fusion and LoRA set up
         from sdxl_core.cross_kv import install
@@ -319,4 +332,9 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
                 pin_execution_device(pipe)
     pipes.empty_negative = EmptyNegativeCache(pipes.refiner) \
         if level.cache_empty_negative and pipes.refiner is not None else None
+    pipes.text_encoder_graphs = {}
+    if level.text_encoder_graphs:
+        from sdxl_core.text_graphs import graph_text_encoders
+
+        pipes.kernel_backends["text_encoder_graphs"] = graph_text_encoders(pipes)
     return pipes

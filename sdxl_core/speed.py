@@ -254,6 +254,9 @@ class SpeedRunner:
             result.seconds_per_image = result.seconds_per_batch / case.batch_size
             result.images_per_second = 1 / result.seconds_per_image
             result.stage_seconds = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+            if pipes.text_encoder_graphs:  # the evidence that compel's calls were replayed
+                result.kernel_backends["text_encoder_graph_calls"] = {
+                    name: graphed.stats() for name, graphed in pipes.text_encoder_graphs.items()}
             result.flops_per_image = self.flops_per_image(case.batch_size)
             if self.matmul_rate:
                 result.mfu = result.flops_per_image / result.seconds_per_image / self.matmul_rate
@@ -380,9 +383,10 @@ def default_cases() -> list[SpeedCase]:
     """Priority order for a time-boxed GPU run: the reference, the fast levels, compiled, then the rest.
 
     ``host`` (everything ``cross_kv`` does, and less host work; timed in ``reports/gpu``) first of the compiled
-    levels, since its compiles can come from a cache; ``lean`` (other attention kernels) next, then ``cross_kv``,
-    ``fp8`` and ``max``."""
-    return [SpeedCase("eager"), SpeedCase("host"), SpeedCase("lean"), SpeedCase("cross_kv"), SpeedCase("fp8"),
+    levels, since its compiles can come from a cache; ``text_graphs`` (``lean``'s kernels, and the text encoders
+    from CUDA graphs) and ``lean`` (other attention kernels) next, then ``cross_kv``, ``fp8`` and ``max``."""
+    return [SpeedCase("eager"), SpeedCase("host"), SpeedCase("text_graphs"), SpeedCase("lean"), SpeedCase("cross_kv"),
+            SpeedCase("fp8"),
             SpeedCase("max"), SpeedCase("fused_qkv"),
             SpeedCase("sdpa"),
             SpeedCase("cudnn"), SpeedCase("vae_no_upcast"), SpeedCase("bf16"), SpeedCase("channels_last"),

@@ -16,7 +16,7 @@ from sdxl_core.numerics import image_psnr
 from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level, set_kernel_backends
 
 ORDER = ["eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile", "cudagraphs",
-         "max", "fp8", "cross_kv", "host", "lean"]
+         "max", "fp8", "cross_kv", "host", "lean", "text_graphs"]
 EAGER_LEVELS = ORDER[:7]  # no torch.compile: fine on a CPU
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 SEED = 3
@@ -83,7 +83,7 @@ def test_levels_are_cumulative():
         # booleans only ever switch one way along the ladder
         for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser", "cache_cross_kv",
                   "images_on_device", "pin_execution_device", "cache_empty_negative", "fast_prompt_parse",
-                  "flash_cross_attention", "vae_classic_attention", "subpixel_upsample"):
+                  "flash_cross_attention", "vae_classic_attention", "subpixel_upsample", "text_encoder_graphs"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
@@ -111,14 +111,16 @@ def test_level_flag_progression():
         "cross_kv": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, False),
         "host": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
         "lean": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
+        "text_graphs": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
     }
     assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
-    assert {n for n in ORDER if LEVELS[n].pin_execution_device} == {"host", "lean"}
-    assert {n for n in ORDER if LEVELS[n].cache_empty_negative} == {"host", "lean"}
-    assert {n for n in ORDER if LEVELS[n].fast_prompt_parse} == {"host", "lean"}
-    assert {n for n in ORDER if LEVELS[n].flash_cross_attention} == {"lean"}
-    assert {n for n in ORDER if LEVELS[n].vae_classic_attention} == {"lean"}
-    assert {n for n in ORDER if LEVELS[n].subpixel_upsample} == {"lean"}
+    assert {n for n in ORDER if LEVELS[n].pin_execution_device} == {"host", "lean", "text_graphs"}
+    assert {n for n in ORDER if LEVELS[n].cache_empty_negative} == {"host", "lean", "text_graphs"}
+    assert {n for n in ORDER if LEVELS[n].fast_prompt_parse} == {"host", "lean", "text_graphs"}
+    assert {n for n in ORDER if LEVELS[n].flash_cross_attention} == {"lean", "text_graphs"}
+    assert {n for n in ORDER if LEVELS[n].vae_classic_attention} == {"lean", "text_graphs"}
+    assert {n for n in ORDER if LEVELS[n].subpixel_upsample} == {"lean", "text_graphs"}
+    assert {n for n in ORDER if LEVELS[n].text_encoder_graphs} == {"text_graphs"}
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
 
 
