@@ -223,6 +223,8 @@ class CrossKVCache(nn.Module):
             return self._packed
         from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
+        if self.skip_zero_text:  # its host sync first, so the projections below run while the host goes on
+            self._set_zero_rows(encoder_hidden_states)
         scaled = USE_PEFT_BACKEND and lora_scale != 1.0
         if scaled:  # as the UNet's forward scales PEFT LoRA layers around its own call
             scale_lora_layers(self.unet, lora_scale)
@@ -234,8 +236,6 @@ class CrossKVCache(nn.Module):
         self._packed = torch.cat(parts)
         self._key = (weakref.ref(encoder_hidden_states), *key)
         self.projections_run += 1
-        if self.skip_zero_text:
-            self._set_zero_rows(encoder_hidden_states)
         return self._packed
 
     def _set_zero_rows(self, encoder_hidden_states: torch.Tensor) -> None:

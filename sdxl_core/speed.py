@@ -467,6 +467,9 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
             last_round_s = max(result.seconds_per_image or 0.0, 0.5)
         print(f"[speed] {case.name}: {result.status} {result.seconds_per_image} s/image {result.message[:200]}",
               flush=True)
+        if "text_encoder_graph_calls" in result.kernel_backends:
+            print(f"[speed] {case.name} text encoder graphs:",
+                  json.dumps(result.kernel_backends["text_encoder_graph_calls"]), flush=True)
         if result.released is False:
             print(f"[speed] {case.name}: its pipelines are still referenced after the case; the next cases' memory "
                   f"includes their weights", flush=True)

@@ -10,8 +10,9 @@ graphs, one per call signature, and hands out copies of their outputs.
 shapes, dtypes and device, whether an attention mask is given, whether hidden states are asked for) it calls the
 encoder directly the first time; at the second call it records a CUDA graph (warm-up on a side stream, then
 capture, as PyTorch's CUDA graph recipe has it); from then on it copies the inputs into the graph's static inputs,
-replays it and returns copies of its outputs, in the encoder's own output type. A signature called once per
-process (compel's empty-prompt embeddings) is never recorded.
+replays it and returns copies of its outputs, in the encoder's own output type. A signature called only once
+(compel's empty-prompt embeddings, made once per compel provider) is never recorded. Each recording is checked
+once against a direct call; one that fails leaves its signature to the encoder and is reported in ``stats()``.
 
 The graph holds the encoder's weights by address: they must stay where they are (no device or dtype moves, no
 LoRA loaded into the text encoders afterwards), as ``torch.compile``'s CUDA graphs assume too. LoRA layers already
@@ -61,23 +62,32 @@ class GraphedTextEncoder:
     """A text encoder as compel calls it (``encoder(input_ids, attention_mask, output_hidden_states=...,
     return_dict=True)``), replayed from a CUDA graph per call signature from its second call on.
 
-    Every other attribute is the encoder's (compel reads ``device`` and ``dtype``). ``stats()`` counts the calls
-    made directly, the graphs recorded and the replays."""
+    A recording is checked once against a direct call on the same inputs; a capture that raises (a host sync in the
+    call, say) or a replay that differs by more than ``tolerance`` (relative to the output's largest value) leaves
+    that signature to the encoder, and says why in ``stats()["failures"]``, so a run shows it rather than timing a
+    wrong graph. Every other attribute is the encoder's (compel reads ``device`` and ``dtype``). ``stats()`` also
+    counts the calls made directly, the graphs recorded and the replays."""
 
-    def __init__(self, encoder: torch.nn.Module, capture: Capture = capture_cuda_graph):
+    def __init__(self, encoder: torch.nn.Module, capture: Capture = capture_cuda_graph, tolerance: float = 1e-2):
         self.encoder = encoder
+        self._device = encoder.device
         self._capture = capture
+        self._tolerance = tolerance
         self._graphs: dict[tuple[Any, ...], tuple[tuple[torch.Tensor, ...], Callable[[], None], list[Any], Any]] = {}
         self._seen: Counter[tuple[Any, ...]] = Counter()
+        self._failed: dict[tuple[Any, ...], str] = {}
         self._counts: Counter[str] = Counter()
+        self._max_diff = 0.0
 
     def __getattr__(self, name: str) -> Any:  # only for names not set in __init__
-        if name in ("encoder", "_capture", "_graphs", "_seen", "_counts"):
+        if name.startswith("_") or name == "encoder":
             raise AttributeError(name)
         return getattr(self.encoder, name)
 
-    def stats(self) -> dict[str, int]:
-        return {"direct_calls": self._counts["direct"], "graphs": len(self._graphs), "replays": self._counts["replay"]}
+    def stats(self) -> dict[str, Any]:
+        return {"direct_calls": self._counts["direct"], "graphs": len(self._graphs), "replays": self._counts["replay"],
+                "max_replay_diff": self._max_diff,
+                "failures": [f"{_describe(key)}: {why}" for key, why in self._failed.items()]}
 
     def __call__(self, input_ids: Any, attention_mask: torch.Tensor | None = None, *,
                  output_hidden_states: bool | None = None, return_dict: bool = True, **kwargs: Any) -> Any:
@@ -91,10 +101,17 @@ class GraphedTextEncoder:
         key = (_signature(input_ids), _signature(attention_mask), output_hidden_states)
         if key not in self._graphs:
             self._seen[key] += 1
-            if self._seen[key] < 2:
+            if self._seen[key] < 2 or key in self._failed:
                 return direct()
-            self._record(key, input_ids, attention_mask, output_hidden_states)
-        static, replay, leaves, spec = self._graphs[key]
+            try:
+                self._record(key, input_ids, attention_mask, output_hidden_states)
+            except Exception as exc:  # kept in stats()["failures"], which the speed suite prints and saves
+                self._failed[key] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                return direct()
+        return self._replay(self._graphs[key], input_ids, attention_mask)
+
+    def _replay(self, graph: tuple[Any, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
+        static, replay, leaves, spec = graph
         static[0].copy_(input_ids)
         if attention_mask is not None:
             static[1].copy_(attention_mask)
@@ -103,8 +120,7 @@ class GraphedTextEncoder:
         return tree_unflatten([leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
 
     def _graphable(self, input_ids: Any, attention_mask: Any) -> bool:
-        device = self.encoder.device
-        return all(isinstance(t, torch.Tensor) and t.device == device
+        return all(isinstance(t, torch.Tensor) and t.device == self._device
                    for t in (input_ids, attention_mask) if t is not None)
 
     def _record(self, key: tuple[Any, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -117,8 +133,30 @@ class GraphedTextEncoder:
 
         with torch.no_grad():
             replay, outputs = self._capture(call, static)
-        leaves, spec = tree_flatten(outputs)
+            leaves, spec = tree_flatten(outputs)
+            replay()
+            want, want_spec = tree_flatten(call(*static))
+        if want_spec != spec:
+            raise RuntimeError(f"the replay's outputs are {spec}, the encoder's {want_spec}")
+        diff = max((_relative_diff(got, ref) for got, ref in zip(leaves, want) if isinstance(ref, torch.Tensor)),
+                   default=0.0)
+        if not diff <= self._tolerance:
+            raise RuntimeError(f"the replay differs from the encoder by {diff:.3g} of the output's largest value "
+                               f"(tolerance {self._tolerance})")
+        self._max_diff = max(self._max_diff, diff)
         self._graphs[key] = (static, replay, leaves, spec)
+
+
+def _relative_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return (got.double() - ref).abs().max().item() / max(scale, 1e-12) if ref.numel() else 0.0
+
+
+def _describe(key: tuple[Any, ...]) -> str:
+    ids, mask, hidden = key
+    mask_text = "no mask" if mask is None else f"mask {list(mask[0])} {mask[1]}"
+    return f"ids {list(ids[0])} {ids[1]}, {mask_text}, output_hidden_states={hidden}"
 
 
 def install_output_capture_hooks(encoder: torch.nn.Module) -> None:

@@ -44,6 +44,12 @@ def _ids(seed: int, length: int = 77) -> torch.Tensor:
     return torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _counts(graphed: GraphedTextEncoder) -> dict[str, int]:
+    stats = graphed.stats()
+    assert stats["failures"] == [] and stats["max_replay_diff"] == 0.0  # the CPU recorder replays exactly
+    return {k: stats[k] for k in ("direct_calls", "graphs", "replays")}
+
+
 def _assert_same_output(a, b):
     assert type(a) is type(b) and list(a.keys()) == list(b.keys())
     left, _ = tree_flatten(a)
@@ -57,12 +63,12 @@ def test_a_signature_is_recorded_at_its_second_call_and_replays_its_inputs(tiny_
     mask = torch.ones(1, 77, dtype=torch.long)
     with torch.no_grad():
         first = graphed(_ids(0), mask, output_hidden_states=True, return_dict=True)
-        assert graphed.stats() == {"direct_calls": 1, "graphs": 0, "replays": 0}
-        held = graphed(_ids(1), mask, output_hidden_states=True, return_dict=True)  # recorded, then replayed
-        assert graphed.stats() == {"direct_calls": 1, "graphs": 1, "replays": 1}
+        assert _counts(graphed) == {"direct_calls": 1, "graphs": 0, "replays": 0}
+        held = graphed(_ids(1), mask, output_hidden_states=True, return_dict=True)  # recorded, checked, replayed
+        assert _counts(graphed) == {"direct_calls": 1, "graphs": 1, "replays": 1}
         later = graphed(_ids(2), mask, output_hidden_states=True, return_dict=True)
         pooled = [graphed(_ids(3 + i), return_dict=True) for i in range(3)]  # another signature: no mask
-        assert graphed.stats() == {"direct_calls": 2, "graphs": 2, "replays": 4}
+        assert _counts(graphed) == {"direct_calls": 2, "graphs": 2, "replays": 4}
         for seed, out in ((0, first), (1, held), (2, later)):  # the replay after `held` did not change it
             _assert_same_output(out, encoder(_ids(seed), mask, output_hidden_states=True, return_dict=True))
         for i, out in enumerate(pooled):
@@ -82,8 +88,42 @@ def test_calls_the_graphs_do_not_cover_go_to_the_encoder(tiny_pipes):
             graphed(ids, None, return_dict=True)  # the one graphed call: direct, then recorded, then replayed
     for _ in range(2):
         graphed(ids)  # grad mode on: a graph would hand out outputs without their autograd history
-    assert graphed.stats() == {"direct_calls": 2 * 3 + 1 + 2, "graphs": 1, "replays": 2}
+    assert _counts(graphed) == {"direct_calls": 2 * 3 + 1 + 2, "graphs": 1, "replays": 2}
     assert graphed.device == encoder.device and graphed.dtype == encoder.dtype and graphed.config is encoder.config
+
+
+def _failing_capture(fn, args):
+    raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+
+def _wrong_capture(fn, args):
+    replay, outputs = replay_by_rerun(fn, args)
+
+    def wrong_replay():
+        replay()
+        tree_flatten(outputs)[0][0].add_(1.0)
+
+    return wrong_replay, outputs
+
+
+@pytest.mark.parametrize("capture, why", [
+    (_failing_capture, r"RuntimeError: CUDA error: operation not permitted when stream is capturing$"),
+    (_wrong_capture, r"RuntimeError: the replay differs from the encoder by [0-9.e-]+ of the output's largest value"),
+], ids=["capture-raises", "replay-differs"])
+def test_a_signature_whose_recording_fails_goes_to_the_encoder_and_says_why(tiny_pipes, capture, why):
+    encoder = tiny_pipes.base.text_encoder
+    graphed = GraphedTextEncoder(encoder, capture)
+    with torch.no_grad():
+        outs = [graphed(_ids(i), return_dict=True) for i in range(4)]
+        for i, out in enumerate(outs):
+            _assert_same_output(out, encoder(_ids(i), return_dict=True))
+    stats = graphed.stats()
+    assert (stats["direct_calls"], stats["graphs"], stats["replays"]) == (4, 0, 0)
+    assert len(stats["failures"]) == 1  # tried once, not at every call
+    assert stats["failures"][0].startswith("ids [1, 77] torch.int64, no mask, output_hidden_states=None: ")
+    import re
+
+    assert re.search(why, stats["failures"][0]), stats["failures"][0]
 
 
 def test_compel_embeddings_and_images_are_bit_identical(tiny_pipes, fast_settings):
@@ -100,7 +140,7 @@ def test_compel_embeddings_and_images_are_bit_identical(tiny_pipes, fast_setting
             assert want.keys() == got.keys()
             for key, value in want.items():
                 assert (value is None and got[key] is None) or torch.equal(value, got[key]), (prompt, name, key)
-    stats = {name: g.stats() for name, g in graphs.items()}
+    stats = {name: _counts(g) for name, g in graphs.items()}
     # weighted prompts, pooled prompts, and (text_encoder_2 only) the empty prompt's int32 ids, which the base's and
     # the refiner's compel each encode once
     assert stats["text_encoder"]["graphs"] == 1 and stats["text_encoder_2"]["graphs"] == 3
@@ -169,4 +209,6 @@ def test_cuda_graph_replays_match_the_encoder():
         outs = [graphed(_ids(i).cuda(), mask, output_hidden_states=True, return_dict=True) for i in range(4)]
         for i, out in enumerate(outs):
             _assert_same_output(out, encoder(_ids(i).cuda(), mask, output_hidden_states=True, return_dict=True))
-    assert graphed.stats() == {"direct_calls": 1, "graphs": 1, "replays": 3}
+    stats = graphed.stats()
+    assert stats["failures"] == [] and stats["max_replay_diff"] <= 1e-6, stats
+    assert {k: stats[k] for k in ("direct_calls", "graphs", "replays")} == {"direct_calls": 1, "graphs": 1, "replays": 3}
