@@ -47,11 +47,23 @@ def _kv_width(attn: nn.Module) -> int:
     return attn.to_k.out_features + attn.to_v.out_features
 
 
+def _kv_modules(attn: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules that project the text to keys and values: the fused ``to_kv``, or ``to_k`` and ``to_v``."""
+    return (attn.to_kv,) if getattr(attn, "fused_projections", False) else (attn.to_k, attn.to_v)
+
+
 def _project_kv(attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
     """Keys and values side by side on the last axis, as the fused ``to_kv`` lays them out."""
-    if getattr(attn, "fused_projections", False):
-        return attn.to_kv(encoder_hidden_states)
-    return torch.cat([attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)], dim=-1)
+    parts = [module(encoder_hidden_states) for module in _kv_modules(attn)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _lora_projections(layers: list[nn.Module]) -> list[nn.Module]:
+    """The key/value projections of ``layers`` that PEFT has made LoRA layers (it puts its layer in the
+    projection's place), looked up at each call: a LoRA loaded after :func:`install` replaces the modules."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for attn in layers for module in _kv_modules(attn) if isinstance(module, BaseTunerLayer)]
 
 
 class _SelfAttention:
@@ -225,14 +237,17 @@ class CrossKVCache(nn.Module):
 
         if self.skip_zero_text:  # its host sync first, so the projections below run while the host goes on
             self._set_zero_rows(encoder_hidden_states)
-        scaled = USE_PEFT_BACKEND and lora_scale != 1.0
-        if scaled:  # as the UNet's forward scales PEFT LoRA layers around its own call
-            scale_lora_layers(self.unet, lora_scale)
+        # As the UNet's forward scales its PEFT LoRA layers around its own call, but only the LoRA layers these
+        # projections run: two walks over the whole UNet's modules cost milliseconds at every stage start, on the
+        # host, with the device idle (run 6: the gaps before the first projection and after the last one).
+        scaled = _lora_projections(self.layers) if USE_PEFT_BACKEND and lora_scale != 1.0 else []
+        for module in scaled:
+            scale_lora_layers(module, lora_scale)
         try:
             parts = [_project_kv(attn, encoder_hidden_states).reshape(-1) for attn in self.layers]
         finally:
-            if scaled:
-                unscale_lora_layers(self.unet, lora_scale)
+            for module in scaled:
+                unscale_lora_layers(module, lora_scale)
         self._packed = torch.cat(parts)
         self._key = (weakref.ref(encoder_hidden_states), *key)
         self.projections_run += 1

@@ -305,7 +305,7 @@ def _rows(stats: pstats.Stats) -> list[dict[str, Any]]:
 
 
 def profile_host(run: Callable[[StageClock], Any], device: torch.device, top: int = 20,
-                 stage_top: int = 8) -> dict[str, Any]:
+                 stage_top: int = 12) -> dict[str, Any]:
     """Where the host's time goes in a call of ``run(clock)``, by Python function (``cProfile``): own time and
     time including callees, in milliseconds, for one whole call, then per stage in a second call (``by_stage``:
     each mark of the :class:`StageClock` given to ``run`` switches to that stage's profile; what runs before the

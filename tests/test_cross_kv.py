@@ -88,10 +88,18 @@ def test_image_is_unchanged_through_the_pipelines(fast_settings):
     assert [c.projections_run for c in caches] == [2, 2]
 
 
-def test_a_lora_scale_is_applied_to_the_cached_projections(fast_settings):
-    """An unfused PEFT LoRA on to_k/to_v at a scale other than 1: the cache scales the layers as the UNet does."""
+def test_a_lora_scale_is_applied_to_the_cached_projections(fast_settings, monkeypatch):
+    """An unfused PEFT LoRA on to_k/to_v at scales other than 1: the cache scales the layers as the UNet does, and
+    only the LoRA layers it runs (the projections), not by walking the whole UNet."""
+    import diffusers.utils
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from sdxl_core.lora import random_lora_state_dict
 
+    roots = []
+    scale = diffusers.utils.scale_lora_layers
+    monkeypatch.setattr(diffusers.utils, "scale_lora_layers", lambda model, weight: (roots.append(model),
+                                                                                        scale(model, weight)))
     sample, t, hidden, kwargs = None, None, None, None
     results = []
     for use_cache in (False, True):
@@ -101,12 +109,22 @@ def test_a_lora_scale_is_applied_to_the_cached_projections(fast_settings):
         unet = pipes.base.unet
         sample, t, hidden, kwargs = _inputs(pipes)
         model = install(pipes.base) if use_cache else unet
+        roots.clear()
         with torch.no_grad():
-            results.append(model(sample, t, hidden, cross_attention_kwargs={"scale": 0.3}, **kwargs)[0])
-            results.append(model(sample, t, hidden, cross_attention_kwargs={"scale": 1.0}, **kwargs)[0])
-    assert not torch.equal(results[0], results[1])  # the scale matters
-    assert torch.allclose(results[2], results[0], atol=1e-6, rtol=0)
-    assert torch.allclose(results[3], results[1], atol=1e-6, rtol=0)
+            for lora_scale in (0.3, 1.0, 0.0, 0.3):
+                results.append(model(sample, t, hidden, cross_attention_kwargs={"scale": lora_scale}, **kwargs)[0])
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])  # the scale matters
+    for cached, plain in zip(results[4:], results[:4]):
+        assert torch.allclose(cached, plain, atol=1e-6, rtol=0)
+    kv = [m for attn in model.layers for m in (attn.to_k, attn.to_v)]
+    assert all(isinstance(m, BaseTunerLayer) for m in kv)
+    assert roots == 3 * kv, "the cache scales the LoRA projections it runs, and nothing else"  # scales 0.3, 0, 0.3
+
+    plain = install(_fresh().base)  # no LoRA: nothing to scale at any scale
+    roots.clear()
+    with torch.no_grad():
+        plain(sample, t, hidden, cross_attention_kwargs={"scale": 0.0}, **kwargs)
+    assert roots == [] and plain.projections_run == 1
 
 
 def test_level_installs_on_both_unets_and_compiles(fast_settings):
