@@ -15,7 +15,7 @@ from sdxl_core.model_args import add_model_args
 # The names of sdxl_core.optimize.LEVELS, repeated here so building the parser does not import torch
 # (tests/test_cli.py checks the two agree).
 SPEED_LEVELS = ("eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile",
-                "cudagraphs", "max", "fp8", "cross_kv", "host", "lean", "text_graphs")
+                "cudagraphs", "max", "fp8", "cross_kv", "host", "lean", "lean_host")
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:

@@ -44,6 +44,8 @@ class Pipelines:
     # compel's view of the base's text encoders replayed from CUDA graphs (sdxl_core.text_graphs), by component
     # name; empty: compel calls the modules themselves.
     text_encoder_graphs: dict[str, Any] = field(default_factory=dict)
+    # The guard filter the level compiled with (sdxl_core.optimize.BuiltinModuleGuardFilter), for its counts; or None.
+    guard_filter: Any = None
     # Process-wide kernel choices the last optimisation level made (SDPA backend order, cuDNN autotuning).
     kernel_backends: dict[str, Any] = field(default_factory=dict)
 

@@ -6,7 +6,8 @@ diffusers' pre-PyTorch-2 attention) to ``max`` (everything, with ``torch.compile
 ``cross_kv`` (``fp8`` with the cross-attention keys and values computed once per image) and ``host`` (``cross_kv``
 with less host work per image: see ``sdxl_core/host_work.py``) and ``lean`` (``host`` with other attention kernels
 where SDPA's choice costs more than the product: the cross-attention and the VAE decoder's attention) and
-``text_graphs`` (``lean`` with compel's text encoder calls replayed from CUDA graphs: ``sdxl_core/text_graphs.py``).
+``lean_host`` (``lean`` with compel's text encoder calls replayed from CUDA graphs, ``sdxl_core/text_graphs.py``,
+and fewer dynamo guards).
 Each is checked against ``eager`` on the same seed by the speed suite.
 """
 
@@ -52,6 +53,7 @@ class OptimizationLevel:
     vae_classic_attention: bool = False
     subpixel_upsample: bool = False
     text_encoder_graphs: bool = False
+    skip_builtin_module_guards: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -142,13 +144,16 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                                "resolution and a pixel shuffle: the same function in 4/9 of the multiply-adds "
                                "(sdxl_core/subpixel.py)",
                    flash_cross_attention=True, vae_classic_attention=True, subpixel_upsample=True)
-    text_graphs = replace(lean, name="text_graphs",
-                          description="+ compel's text encoder calls replayed from CUDA graphs, one per call "
-                                      "signature, recorded at its second call, their outputs copied out for compel "
-                                      "to keep, instead of ~1,000 kernels launched one by one from inductor's "
-                                      "wrapper per image (sdxl_core/text_graphs.py)",
-                          text_encoder_graphs=True)
-    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv, host, lean, text_graphs)
+    lean_host = replace(lean, name="lean_host",
+                        description="+ compel's text encoder calls replayed from CUDA graphs, one per call "
+                                    "signature, recorded at its second call, their outputs copied out for compel "
+                                    "to keep, instead of ~1,000 kernels launched one by one from inductor's wrapper "
+                                    "per image (sdxl_core/text_graphs.py), and no dynamo guards on PyTorch's built-in "
+                                    "modules (torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe: the base UNet's "
+                                    "call checks ~16k guards instead of ~38k, which is host time with the device idle "
+                                    "at each stage's first step)",
+                        text_encoder_graphs=True, skip_builtin_module_guards=True)
+    return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv, host, lean, lean_host)
 
 
 LEVELS: dict[str, OptimizationLevel] = {level.name: level for level in _levels()}
@@ -258,6 +263,48 @@ def _check_flash_head_dim(attn: Any, device: torch.device) -> None:
                                  f"256; choose a level without flash_cross_attention (e.g. host)")
 
 
+class BuiltinModuleGuardFilter:
+    """dynamo's guard filter for ``torch.compile(options={"guard_filter_fn": ...})``: PyTorch's own
+    ``torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe``, which drops the guards whose source is a built-in
+    module (``nn.Linear``, ``nn.Conv2d``, ``nn.GroupNorm``, ...: their hooks dicts, attributes, parameters), counting
+    what each compile keeps. Unsafe in PyTorch's sense: a built-in module changed in place after compiling (a hook
+    added, a parameter swapped for one of another shape) is not noticed. The levels change modules only before
+    compiling, and a LoRA loaded later puts PEFT's modules in place of the built-in ones, which the kept guards on
+    their parents see. Guards on diffusers' and sdxl-bench's own modules and processors (the cross K/V cache's zero
+    rows, LoRA scales) stay."""
+
+    name = "skip_guard_on_inbuilt_nn_modules_unsafe"
+
+    def __init__(self) -> None:
+        self._skip = getattr(torch.compiler, self.name, None)
+        if self._skip is None:
+            raise InvalidConfigError(f"torch {torch.__version__} has no torch.compiler.{self.name} (PyTorch 2.8 and "
+                                     f"later have it); choose a level without skip_builtin_module_guards (e.g. lean)")
+        self.compiles = 0
+        self.guards = 0
+        self.kept = 0
+
+    def __call__(self, entries: list[Any]) -> list[bool]:
+        keep = list(self._skip(entries))
+        self.compiles += 1
+        self.guards += len(keep)
+        self.kept += sum(map(bool, keep))
+        return keep
+
+    def stats(self) -> dict[str, int]:
+        return {"compiles": self.compiles, "guards": self.guards, "kept": self.kept}
+
+
+def _compile_args(compile_mode: str, guard_filter: BuiltinModuleGuardFilter | None) -> dict[str, Any]:
+    """``torch.compile`` keywords for ``compile_mode``: ``mode``, or the same mode as ``options`` (torch.compile
+    takes one or the other) when a guard filter goes along."""
+    if guard_filter is None:
+        return {"mode": None if compile_mode == "default" else compile_mode}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(compile_mode, False), "guard_filter_fn": guard_filter}}
+
+
 def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
     """Apply ``level`` to ``pipes`` in place (dtype, attention, layout, fusion, VAE upcast, compile)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -291,13 +338,16 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
         from sdxl_core.subpixel import convert_upsamplers
 
         pipes.kernel_backends["subpixel_upsamplers"] = sum(convert_upsamplers(m) for m in unets + [mods["vae"]])
+    guard_filter = BuiltinModuleGuardFilter() if level.skip_builtin_module_guards else None
+    pipes.guard_filter = guard_filter
+    if guard_filter is not None:
+        pipes.kernel_backends["guard_filter"] = guard_filter.name
     if level.compile_mode is not None:
         configure_inductor()
-        mode = None if level.compile_mode == "default" else level.compile_mode
         # dynamic=False: every batch size gets its own static graph rather than a slower symbolic one.
         for module in unets:
-            module.compile(fullgraph=True, mode=mode, dynamic=False)
-        mods["vae"].decoder.compile(fullgraph=True, mode=mode, dynamic=False)
+            module.compile(fullgraph=True, dynamic=False, **_compile_args(level.compile_mode, guard_filter))
+        mods["vae"].decoder.compile(fullgraph=True, dynamic=False, **_compile_args(level.compile_mode, guard_filter))
     if level.compile_text_encoders:
         configure_inductor()
         # Default mode, no CUDA graphs: compel keeps one call's outputs while it makes the next (text_encoder_graphs
@@ -307,7 +357,7 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
                 from sdxl_core.text_graphs import install_output_capture_hooks
 
                 install_output_capture_hooks(mods[name])
-            mods[name].compile(dynamic=False)
+            mods[name].compile(dynamic=False, **_compile_args("default", guard_filter))
     if level.cache_cross_kv:  # last: it records the attention layout that fusion and LoRA set up
         from sdxl_core.cross_kv import install
 

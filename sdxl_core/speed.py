@@ -257,6 +257,8 @@ class SpeedRunner:
             if pipes.text_encoder_graphs:  # the evidence that compel's calls were replayed
                 result.kernel_backends["text_encoder_graph_calls"] = {
                     name: graphed.stats() for name, graphed in pipes.text_encoder_graphs.items()}
+            if pipes.guard_filter is not None:
+                result.kernel_backends["guards"] = pipes.guard_filter.stats()
             result.flops_per_image = self.flops_per_image(case.batch_size)
             if self.matmul_rate:
                 result.mfu = result.flops_per_image / result.seconds_per_image / self.matmul_rate
@@ -383,9 +385,10 @@ def default_cases() -> list[SpeedCase]:
     """Priority order for a time-boxed GPU run: the reference, the fast levels, compiled, then the rest.
 
     ``host`` (everything ``cross_kv`` does, and less host work; timed in ``reports/gpu``) first of the compiled
-    levels, since its compiles can come from a cache; ``text_graphs`` (``lean``'s kernels, and the text encoders
-    from CUDA graphs) and ``lean`` (other attention kernels) next, then ``cross_kv``, ``fp8`` and ``max``."""
-    return [SpeedCase("eager"), SpeedCase("host"), SpeedCase("text_graphs"), SpeedCase("lean"), SpeedCase("cross_kv"),
+    levels, since its compiles can come from a cache; ``lean_host`` (``lean``'s kernels, the text encoders from
+    CUDA graphs and fewer guards) and ``lean`` (other attention kernels) next, then ``cross_kv``, ``fp8`` and
+    ``max``."""
+    return [SpeedCase("eager"), SpeedCase("host"), SpeedCase("lean_host"), SpeedCase("lean"), SpeedCase("cross_kv"),
             SpeedCase("fp8"),
             SpeedCase("max"), SpeedCase("fused_qkv"),
             SpeedCase("sdpa"),
@@ -467,9 +470,9 @@ def run_speed_suite(runner: SpeedRunner, cases: list[SpeedCase], out_path: Path,
             last_round_s = max(result.seconds_per_image or 0.0, 0.5)
         print(f"[speed] {case.name}: {result.status} {result.seconds_per_image} s/image {result.message[:200]}",
               flush=True)
-        if "text_encoder_graph_calls" in result.kernel_backends:
-            print(f"[speed] {case.name} text encoder graphs:",
-                  json.dumps(result.kernel_backends["text_encoder_graph_calls"]), flush=True)
+        for key in ("text_encoder_graph_calls", "guards"):
+            if key in result.kernel_backends:
+                print(f"[speed] {case.name} {key}:", json.dumps(result.kernel_backends[key]), flush=True)
         if result.released is False:
             print(f"[speed] {case.name}: its pipelines are still referenced after the case; the next cases' memory "
                   f"includes their weights", flush=True)

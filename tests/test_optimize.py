@@ -16,7 +16,7 @@ from sdxl_core.numerics import image_psnr
 from sdxl_core.optimize import LEVELS, OptimizationLevel, apply_level, get_level, set_kernel_backends
 
 ORDER = ["eager", "sdpa", "vae_no_upcast", "bf16", "channels_last", "fused_qkv", "cudnn", "compile", "cudagraphs",
-         "max", "fp8", "cross_kv", "host", "lean", "text_graphs"]
+         "max", "fp8", "cross_kv", "host", "lean", "lean_host"]
 EAGER_LEVELS = ORDER[:7]  # no torch.compile: fine on a CPU
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
 SEED = 3
@@ -83,7 +83,8 @@ def test_levels_are_cumulative():
         # booleans only ever switch one way along the ladder
         for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser", "cache_cross_kv",
                   "images_on_device", "pin_execution_device", "cache_empty_negative", "fast_prompt_parse",
-                  "flash_cross_attention", "vae_classic_attention", "subpixel_upsample", "text_encoder_graphs"):
+                  "flash_cross_attention", "vae_classic_attention", "subpixel_upsample", "text_encoder_graphs",
+                  "skip_builtin_module_guards"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
@@ -111,16 +112,17 @@ def test_level_flag_progression():
         "cross_kv": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, False),
         "host": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
         "lean": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
-        "text_graphs": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
+        "lean_host": ("bfloat16", True, True, True, False, True, "reduce-overhead", True, True, True, True),
     }
     assert LEVELS["max"].compile_text_encoders and LEVELS["max"].share_text_embeddings
-    assert {n for n in ORDER if LEVELS[n].pin_execution_device} == {"host", "lean", "text_graphs"}
-    assert {n for n in ORDER if LEVELS[n].cache_empty_negative} == {"host", "lean", "text_graphs"}
-    assert {n for n in ORDER if LEVELS[n].fast_prompt_parse} == {"host", "lean", "text_graphs"}
-    assert {n for n in ORDER if LEVELS[n].flash_cross_attention} == {"lean", "text_graphs"}
-    assert {n for n in ORDER if LEVELS[n].vae_classic_attention} == {"lean", "text_graphs"}
-    assert {n for n in ORDER if LEVELS[n].subpixel_upsample} == {"lean", "text_graphs"}
-    assert {n for n in ORDER if LEVELS[n].text_encoder_graphs} == {"text_graphs"}
+    assert {n for n in ORDER if LEVELS[n].pin_execution_device} == {"host", "lean", "lean_host"}
+    assert {n for n in ORDER if LEVELS[n].cache_empty_negative} == {"host", "lean", "lean_host"}
+    assert {n for n in ORDER if LEVELS[n].fast_prompt_parse} == {"host", "lean", "lean_host"}
+    assert {n for n in ORDER if LEVELS[n].flash_cross_attention} == {"lean", "lean_host"}
+    assert {n for n in ORDER if LEVELS[n].vae_classic_attention} == {"lean", "lean_host"}
+    assert {n for n in ORDER if LEVELS[n].subpixel_upsample} == {"lean", "lean_host"}
+    assert {n for n in ORDER if LEVELS[n].text_encoder_graphs} == {"lean_host"}
+    assert {n for n in ORDER if LEVELS[n].skip_builtin_module_guards} == {"lean_host"}
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
 
 
@@ -254,3 +256,29 @@ def test_vae_upcast_is_what_the_level_says(fast_settings, name, decode_dtype):
     finally:
         handle.remove()
     assert seen == [decode_dtype]
+
+
+def test_lean_host_drops_builtin_module_guards_and_still_recompiles_when_the_zero_rows_change(fast_settings):
+    """The guards on PyTorch's built-in modules go; those on diffusers' and sdxl-bench's own objects stay. A negative
+    prompt takes away the zero text rows the first graphs were compiled to skip: the kept guards on the cross K/V
+    processors must recompile, or the images would be the no-negative graph's."""
+    level = replace(LEVELS["lean_host"], compile_mode="default", compile_text_encoders=False)  # no CUDA graphs here
+    pipes = load_pipelines("tiny", "tiny", device="cpu", dtype=level.torch_dtype)
+    apply_level(pipes, level)
+    assert pipes.kernel_backends["guard_filter"] == "skip_guard_on_inbuilt_nn_modules_unsafe"
+    requests = [GenerationRequest(PROMPT, SEED, None, settings=fast_settings),
+                GenerationRequest(PROMPT, SEED, "wrong", settings=fast_settings)]
+    compiled = [generate(pipes, requests[0])]
+    first = pipes.guard_filter.stats()
+    assert first["compiles"] == 3  # base UNet, refiner UNet, VAE decoder
+    assert 0.2 * first["guards"] < first["kept"] < 0.8 * first["guards"], first
+    compiled.append(generate(pipes, requests[1]))
+    # the base UNet again, for rows without zeros (the refiner's negative half was never zeros: its config encodes
+    # the empty prompt)
+    assert pipes.guard_filter.stats()["compiles"] == 4
+
+    reference = load_pipelines("tiny", "tiny", device="cpu", dtype=level.torch_dtype)
+    apply_level(reference, replace(level, compile_mode=None))
+    for out, request in zip(compiled, requests):
+        assert image_psnr(out.images[0], generate(reference, request).images[0]) > 35.0
+    assert image_psnr(compiled[0].images[0], compiled[1].images[0]) < 30.0  # the negative prompt matters
