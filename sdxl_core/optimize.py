@@ -278,8 +278,9 @@ class BuiltinModuleGuardFilter:
     def __init__(self) -> None:
         self._skip = getattr(torch.compiler, self.name, None)
         if self._skip is None:
-            raise InvalidConfigError(f"torch {torch.__version__} has no torch.compiler.{self.name} (PyTorch 2.8 and "
-                                     f"later have it); choose a level without skip_builtin_module_guards (e.g. lean)")
+            raise InvalidConfigError(f"torch {torch.__version__} has no torch.compiler.{self.name} (newer PyTorch "
+                                     f"releases have it); choose a level without skip_builtin_module_guards "
+                                     f"(e.g. lean)")
         self.compiles = 0
         self.guards = 0
         self.kept = 0
@@ -338,10 +339,13 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
         from sdxl_core.subpixel import convert_upsamplers
 
         pipes.kernel_backends["subpixel_upsamplers"] = sum(convert_upsamplers(m) for m in unets + [mods["vae"]])
-    guard_filter = BuiltinModuleGuardFilter() if level.skip_builtin_module_guards else None
+    guard_filter = None
+    if level.skip_builtin_module_guards:  # a torch without the helper compiles with all guards, and says so
+        available = hasattr(torch.compiler, BuiltinModuleGuardFilter.name)
+        guard_filter = BuiltinModuleGuardFilter() if available else None
+        pipes.kernel_backends["guard_filter"] = BuiltinModuleGuardFilter.name if available else \
+            f"unavailable in torch {torch.__version__}: all guards kept"
     pipes.guard_filter = guard_filter
-    if guard_filter is not None:
-        pipes.kernel_backends["guard_filter"] = guard_filter.name
     if level.compile_mode is not None:
         configure_inductor()
         # dynamic=False: every batch size gets its own static graph rather than a slower symbolic one.

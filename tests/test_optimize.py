@@ -282,3 +282,15 @@ def test_lean_host_drops_builtin_module_guards_and_still_recompiles_when_the_zer
     for out, request in zip(compiled, requests):
         assert image_psnr(out.images[0], generate(reference, request).images[0]) > 35.0
     assert image_psnr(compiled[0].images[0], compiled[1].images[0]) < 30.0  # the negative prompt matters
+
+
+def test_a_torch_without_the_guard_filter_helper_compiles_with_all_guards_and_says_so(monkeypatch):
+    monkeypatch.delattr(torch.compiler, "skip_guard_on_inbuilt_nn_modules_unsafe")
+    pipes = load_pipelines("tiny", "tiny", device="cpu", dtype="bfloat16")
+    apply_level(pipes, replace(LEVELS["lean_host"], compile_mode=None, compile_text_encoders=False))
+    assert pipes.guard_filter is None
+    assert pipes.kernel_backends["guard_filter"].startswith("unavailable in torch ")
+    from sdxl_core.optimize import BuiltinModuleGuardFilter
+
+    with pytest.raises(InvalidConfigError, match="choose a level without skip_builtin_module_guards"):
+        BuiltinModuleGuardFilter()

@@ -211,6 +211,33 @@ def test_a_case_starts_from_a_clean_compiler_state(runner):
     assert _debug_get_cache_entry_list(earlier.__code__) == []
 
 
+def test_lean_host_records_its_text_encoder_graphs_and_guards(runner, monkeypatch):
+    """The results say what lean_host did: the guard filter's counts and, with graphs (recorded here by the CPU
+    stand-in for a CUDA graph), each text encoder's direct calls, graphs and replays over the warm-up and rounds."""
+    from graph_helpers import replay_by_rerun
+
+    import sdxl_core.text_graphs as text_graphs
+
+    graph = text_graphs.graph_text_encoders
+    monkeypatch.setattr(text_graphs, "graph_text_encoders", lambda pipes: graph(pipes, replay_by_rerun))
+    r = runner.run(SpeedCase("lean_host"))
+    assert r.status == "ok", (r.message, r.equivalence.get("traceback"))
+    assert r.kernel_backends["text_encoder_graphs"] == "cuda graphs"
+    assert r.kernel_backends["guard_filter"] == "skip_guard_on_inbuilt_nn_modules_unsafe"
+    guards = r.kernel_backends["guards"]
+    assert guards["compiles"] >= 3 and 0 < guards["kept"] < guards["guards"]
+    calls = r.kernel_backends["text_encoder_graph_calls"]
+    assert set(calls) == {"text_encoder", "text_encoder_2"}
+    # one prompt per generation (the first call and the warm-ups, then the rounds): each signature's first call
+    # direct, every later one replayed; text_encoder_2 has two signatures (weighted, and compel's pooled pass)
+    generations = r.warmup_generations + len(r.rounds_s)
+    assert generations == 3
+    assert calls["text_encoder"]["replays"] == generations - 1, calls
+    assert calls["text_encoder_2"]["replays"] == 2 * (generations - 1), calls
+    assert all(c["failures"] == [] for c in calls.values())
+    json.dumps(asdict(r))
+
+
 def test_a_case_whose_pipelines_stay_referenced_says_so():
     kept = []
 

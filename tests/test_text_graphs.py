@@ -1,11 +1,11 @@
 """compel's text encoder calls replayed from CUDA graphs (sdxl_core/text_graphs.py).
 
-A CUDA graph needs a CUDA device; on the CPU these tests record with ``replay_by_rerun`` below, which does what a
-replay does to memory (the function recomputed on the static inputs, into the recorded outputs' tensors). That
-checks everything around the graph: when a signature is recorded, that inputs reach the static buffers, that the
-outputs handed out are copies a later replay cannot change, and that compel's embeddings and the images are
-bit-identical. The graph itself is checked on a CUDA device (the last test), and the claim that the recorded call
-has no host sync (which would fail a capture) by compiling it with ``fullgraph=True``.
+A CUDA graph needs a CUDA device; on the CPU these tests record with ``replay_by_rerun`` (graph_helpers.py), which
+does what a replay does to memory (the function recomputed on the static inputs, into the recorded outputs'
+tensors). That checks everything around the graph: when a signature is recorded, that inputs reach the static
+buffers, that the outputs handed out are copies a later replay cannot change, and that compel's embeddings and the
+images are bit-identical. The graph itself is checked on a CUDA device (the last test), and the claim that the
+recorded call has no host sync (which would fail a capture) by compiling it with ``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -18,26 +18,13 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
+from graph_helpers import replay_by_rerun
 from sdxl_core.errors import InvalidConfigError
 from sdxl_core.generate import GenerationRequest, PromptEncoder, generate
 from sdxl_core.text_graphs import (GraphedTextEncoder, capture_cuda_graph, graph_text_encoders,
                                    install_output_capture_hooks)
 
 PROMPT = "a majestic wolf in a misty forest at dawn, (oil on canvas)+++, highly detailed"
-
-
-def replay_by_rerun(fn, args):
-    """A stand-in for ``capture_cuda_graph`` on the CPU: ``replay()`` writes ``fn(*args)`` into the outputs'
-    memory, as a graph replay does."""
-    outputs = fn(*args)
-    leaves, _ = tree_flatten(outputs)
-
-    def replay():
-        fresh, _ = tree_flatten(fn(*args))
-        for old, new in zip(leaves, fresh, strict=True):
-            old.copy_(new)
-
-    return replay, outputs
 
 
 def _ids(seed: int, length: int = 77) -> torch.Tensor:
@@ -211,4 +198,5 @@ def test_cuda_graph_replays_match_the_encoder():
             _assert_same_output(out, encoder(_ids(i).cuda(), mask, output_hidden_states=True, return_dict=True))
     stats = graphed.stats()
     assert stats["failures"] == [] and stats["max_replay_diff"] <= 1e-6, stats
-    assert {k: stats[k] for k in ("direct_calls", "graphs", "replays")} == {"direct_calls": 1, "graphs": 1, "replays": 3}
+    counts = {k: stats[k] for k in ("direct_calls", "graphs", "replays")}
+    assert counts == {"direct_calls": 1, "graphs": 1, "replays": 3}
