@@ -6,7 +6,7 @@
 #   bash bench/gpu/run.sh --cases eager,fp8 --profile fp8       # + a device timeline of fp8 (sdxl_core/timeline.py)
 #
 # Wheels for packages the machine lacks (diffusers, compel, open-clip-torch, ...) are installed from .whl/
-# when that folder is present. Results: $OUT/speed.json (or reports/gpu/speed.json), table printed last.
+# when that folder is present (bash bench/gpu/wheels.sh fills it, where pip can reach the package index). Results: $OUT/speed.json (or reports/gpu/speed.json), table printed last.
 # torch.compile's artifacts are saved to $OUT/compile-cache/ after each compiled case, and loaded at the start from
 # ${SDXL_BENCH_COMPILE_CACHE_IN:-.compile-cache}/ when an earlier run's are there (same GPU model, torch, triton).
 set -euo pipefail
