@@ -127,7 +127,8 @@ class PromptEncoder:
     is: the speed suite sets it per optimisation level, so ``eager`` times compel as it ships. With
     ``pipes.fast_prompt_parse`` compel parses through :mod:`sdxl_core.prompt_parse` (the same parse, faster); with
     ``pipes.text_encoder_graphs`` it calls the text encoders through their CUDA graphs
-    (:mod:`sdxl_core.text_graphs`)."""
+    (:mod:`sdxl_core.text_graphs`); with ``pipes.sync_free_compel`` its embeddings providers keep the host's
+    numbers on the host (:mod:`sdxl_core.compel_uploads`: the same embeddings, no host syncs)."""
 
     def __init__(self, pipes: Pipelines, packrat: bool | None = True):
         from compel import ReturnedEmbeddingsType
@@ -156,6 +157,12 @@ class PromptEncoder:
                 returned_embeddings_type=kind,
                 requires_pooled=True,
             )
+        if pipes.sync_free_compel:
+            from sdxl_core.compel_uploads import use_uploads
+
+            for compel in (self.base, self.refiner):
+                if compel is not None:
+                    use_uploads(compel)
 
     @staticmethod
     def embed(compel: Any, prompt: list[str], negative: list[str] | None) -> dict[str, torch.Tensor | None]:

@@ -38,6 +38,9 @@ class Pipelines:
     # compel parses plain words and weighted groups with sdxl_core.prompt_parse's scan (the same Conjunction),
     # instead of its pyparsing grammar.
     fast_prompt_parse: bool = False
+    # compel computes embeddings with its host numbers kept on the host, without host syncs
+    # (sdxl_core.compel_uploads: the same embeddings).
+    sync_free_compel: bool = False
     # The refiner's embeddings of the empty negative prompt, made once (sdxl_core.host_work.EmptyNegativeCache);
     # None: diffusers encodes "" for every image.
     empty_negative: Any = None

@@ -54,6 +54,7 @@ class OptimizationLevel:
     subpixel_upsample: bool = False
     text_encoder_graphs: bool = False
     skip_builtin_module_guards: bool = False
+    sync_free_compel: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -151,8 +152,12 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                                     "per image (sdxl_core/text_graphs.py), and no dynamo guards on PyTorch's built-in "
                                     "modules (torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe: the base UNet's "
                                     "call checks ~16k guards instead of ~38k, which is host time with the device idle "
-                                    "at each stage's first step)",
-                        text_encoder_graphs=True, skip_builtin_module_guards=True)
+                                    "at each stage's first step), and compel's embeddings by its own arithmetic with "
+                                    "its host numbers kept on the host: token ids, weights and masks copied to the "
+                                    "device from pinned memory without waiting, its decisions read from the host's "
+                                    "copies, instead of 13 host syncs per image (the same embeddings, "
+                                    "sdxl_core/compel_uploads.py)",
+                        text_encoder_graphs=True, skip_builtin_module_guards=True, sync_free_compel=True)
     return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv, host, lean, lean_host)
 
 
@@ -377,6 +382,7 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
     pipes.share_text_embeddings = level.share_text_embeddings
     pipes.images_on_device = level.images_on_device
     pipes.fast_prompt_parse = level.fast_prompt_parse
+    pipes.sync_free_compel = level.sync_free_compel
     # Last, when the components are where they run: both remember what diffusers computes now.
     from sdxl_core.host_work import EmptyNegativeCache, pin_execution_device
 
