@@ -132,7 +132,8 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                                "execution device looked up once instead of by a walk over every module at each call; "
                                "the refiner's embeddings of the empty negative prompt made once instead of for every "
                                "image (sdxl_core/host_work.py); compel's parse of plain words and weighted groups by "
-                               "a direct scan, its grammar for anything else (the same parse, sdxl_core/prompt_parse.py)",
+                               "a direct scan, its grammar for anything else (the same parse, "
+                               "sdxl_core/prompt_parse.py)",
                    images_on_device=True, pin_execution_device=True, cache_empty_negative=True,
                    fast_prompt_parse=True)
     lean = replace(host, name="lean",
