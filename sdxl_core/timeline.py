@@ -54,6 +54,7 @@ class Interval:
     name: str
     start_us: float
     end_us: float
+    launch: int = 0  # the CUDA correlation id of the call that launched it: one id for all of a graph's kernels
 
     @property
     def us(self) -> float:
@@ -148,6 +149,8 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
         c = per_class.setdefault(classify(name), {"ms": 0.0, "launches": 0})
         c["ms"] += ms
         c["launches"] += launches
+    for name, split in graph_launch_idle(items, markers, stage_names).items():
+        stages[name]["graph_launches"] = split
     span = (markers[-1] - markers[0]) / 1e3
     idle = idle_breakdown(all_gaps, top)
     idle["memset_memcpy_next"] = copies_next_kernel(inside_all, top)
@@ -161,6 +164,51 @@ def summarize(items: Sequence[Interval], markers: Sequence[float], stage_names: 
         "largest_gaps": sorted(all_gaps, key=lambda g: -g["ms"])[:top_gaps],
         "idle": idle,
     }
+
+
+# A launch of at least this many kernels is a CUDA graph's replay (a UNet step has over a thousand).
+GRAPH_MIN_KERNELS = 50
+
+
+def graph_launch_idle(items: Sequence[Interval], markers: Sequence[float], stage_names: Sequence[str],
+                      min_kernels: int = GRAPH_MIN_KERNELS) -> dict[str, dict[str, Any]]:
+    """Per stage, its idle time split by CUDA graph replays: inside the replays (the device's own pace and the
+    memsets), and between them, where the host's work of a step boundary shows (the scheduler step, the next
+    call's guards and input copies, the launch itself) unless the host was a step ahead.
+
+    A replay is the kernels sharing one launch id (CUDA's correlation id of the ``cudaGraphLaunch``), at least
+    ``min_kernels`` of them. For each stage with two or more replays: ``launches``, their median kernels,
+    ``inside_idle_ms`` (idle within the replays' spans), ``between_idle_ms`` (idle from the end of one replay to
+    the start of the next, other work between them excluded), ``between_idle_ms_median`` and ``_max`` per boundary,
+    and ``before_first_idle_ms`` (from the stage's start to its first replay: the stage's setup). Stages without
+    replays (or a profile without launch ids) are left out; a stage name marked twice keeps its last."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, a, b in zip(stage_names, markers, markers[1:]):
+        inside = sorted((it for it in items if a <= it.start_us < b), key=lambda i: i.start_us)
+        groups: dict[int, list[Interval]] = {}
+        for it in inside:
+            if it.launch:
+                groups.setdefault(it.launch, []).append(it)
+        replays = sorted((g for g in groups.values() if len(g) >= min_kernels), key=lambda g: g[0].start_us)
+        if len(replays) < 2:
+            continue
+        spans = [(g[0].start_us, max(it.end_us for it in g)) for g in replays]
+        inside_idle = sum((end - start) - union_us(g) for g, (start, end) in zip(replays, spans))
+        between = []
+        for (_, prev_end), (next_start, _) in zip(spans, spans[1:]):
+            others = [Interval(it.name, max(it.start_us, prev_end), min(it.end_us, next_start)) for it in inside
+                      if it.end_us > prev_end and it.start_us < next_start]
+            between.append(max(0.0, next_start - prev_end) - union_us(others))
+        first = [Interval(it.name, it.start_us, min(it.end_us, spans[0][0])) for it in inside
+                 if it.start_us < spans[0][0]]
+        sizes = sorted(len(g) for g in replays)
+        ordered = sorted(between)
+        out[name] = {"launches": len(replays), "kernels_median": sizes[len(sizes) // 2],
+                     "inside_idle_ms": inside_idle / 1e3, "between_idle_ms": sum(between) / 1e3,
+                     "between_idle_ms_median": ordered[len(ordered) // 2] / 1e3,
+                     "between_idle_ms_max": ordered[-1] / 1e3,
+                     "before_first_idle_ms": (spans[0][0] - a - union_us(first)) / 1e3}
+    return out
 
 
 # Upper bounds (microseconds) of the gap-size bins: a few us is the device's own pace between kernels queued
@@ -208,22 +256,22 @@ def _device_intervals(prof: Any, cuda: bool) -> tuple[list[Interval], list[float
     copies on a GPU; top-level ATen ops (those inside no other ATen op) on the CPU."""
     from torch.autograd import DeviceType
 
-    raw = [(e.name(), e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.device_type())
-           for e in prof.profiler.kineto_results.events()]
+    raw = [(e.name(), e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.device_type(),
+            e.correlation_id()) for e in prof.profiler.kineto_results.events()]
     raw.sort(key=lambda r: (r[1], -r[2]))
     items: list[Interval] = []
     markers: list[float] = []
     if cuda:
-        for name, a, b, dev in raw:
+        for name, a, b, dev, launch in raw:
             if dev != DeviceType.CUDA:
                 continue
             if CUDA_MARKER.search(name):
                 markers.append(a)
             else:
-                items.append(Interval(name, a, b))
+                items.append(Interval(name, a, b, launch))
         return items, markers
     top_end = float("-inf")
-    for name, a, b, dev in raw:
+    for name, a, b, dev, _ in raw:
         if dev != DeviceType.CPU:
             continue
         if name == CPU_MARKER:
@@ -376,6 +424,13 @@ def format_profile(summary: dict[str, Any], top: int = 8) -> str:
     lines.append("  by class: " + ", ".join(f"{k} {v['ms']:.1f} ms/{v['launches']}" for k, v in summary["per_class"].items()))
     for k in summary["top_kernels"][:top]:
         lines.append(f"  {k['ms']:8.2f} ms {k['launches']:5d}x  {k['class'][:10]:10s} {k['name'][:100]}")
+    for name, s in summary["stages"].items():
+        g = s.get("graph_launches")
+        if g:
+            lines.append(f"  {name} graph replays: {g['launches']} of ~{g['kernels_median']} kernels; idle inside "
+                         f"{g['inside_idle_ms']:.1f} ms, between {g['between_idle_ms']:.1f} ms (median "
+                         f"{g['between_idle_ms_median'] * 1e3:.0f} us, max {g['between_idle_ms_max'] * 1e3:.0f} us), "
+                         f"before the first {g['before_first_idle_ms']:.1f} ms")
     for name, s in summary["stages"].items():
         if "steps" not in s:  # the denoising stages' kernels are the top list above
             lines.append(f"  {name} top: " + "; ".join(f"{k['ms']:.1f} ms/{k['launches']} {k['name'][:60]}"

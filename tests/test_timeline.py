@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sdxl_core.generate import GenerationRequest, StageClock, check_split, generate
-from sdxl_core.timeline import (Interval, classify, copies_next_kernel, format_profile, profile_generation,
-                                profile_host, scan_host_syncs, summarize, union_us)
+from sdxl_core.timeline import (Interval, classify, copies_next_kernel, format_profile, graph_launch_idle,
+                                profile_generation, profile_host, scan_host_syncs, summarize, union_us)
 
 
 def _brute_union(items: list[Interval], resolution: float = 1.0) -> float:
@@ -213,19 +213,55 @@ def test_cuda_intervals_are_kernels_split_by_spin_markers():
 
     from sdxl_core.timeline import _device_intervals
 
-    def ev(name, start, dur, dev):
+    def ev(name, start, dur, dev, correlation=0):
         return SimpleNamespace(name=lambda: name, start_ns=lambda: start, duration_ns=lambda: dur,
-                               device_type=lambda: dev)
+                               device_type=lambda: dev, correlation_id=lambda: correlation)
 
-    events = [ev("cudaLaunchKernel", 0, 5_000, DeviceType.CPU),
-              ev("at::cuda::(anonymous namespace)::spin_kernel(long)", 1_000, 1_000, DeviceType.CUDA),
-              ev("nvjet_sm90_tst_gemm", 3_000, 4_000, DeviceType.CUDA),
-              ev("Memset (Device)", 8_000, 1_000, DeviceType.CUDA),
-              ev("at::cuda::(anonymous namespace)::spin_kernel(long)", 10_000, 1_000, DeviceType.CUDA)]
+    events = [ev("cudaLaunchKernel", 0, 5_000, DeviceType.CPU, 7),
+              ev("at::cuda::(anonymous namespace)::spin_kernel(long)", 1_000, 1_000, DeviceType.CUDA, 6),
+              ev("nvjet_sm90_tst_gemm", 3_000, 4_000, DeviceType.CUDA, 7),
+              ev("Memset (Device)", 8_000, 1_000, DeviceType.CUDA, 7),
+              ev("at::cuda::(anonymous namespace)::spin_kernel(long)", 10_000, 1_000, DeviceType.CUDA, 8)]
     prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: events)))
     items, markers = _device_intervals(prof, cuda=True)
     assert markers == [1.0, 10.0]
-    assert items == [Interval("nvjet_sm90_tst_gemm", 3.0, 7.0), Interval("Memset (Device)", 8.0, 9.0)]
+    assert items == [Interval("nvjet_sm90_tst_gemm", 3.0, 7.0, 7), Interval("Memset (Device)", 8.0, 9.0, 7)]
     s = summarize(items, markers, ["base_denoising", "end"], {"base_denoising": 1})
     assert s["stages"]["base_denoising"]["busy_ms"] == pytest.approx(0.005)
     assert s["stages"]["base_denoising"]["idle_ms"] == pytest.approx(0.004)
+
+
+def _replay(launch: int, start: float, kernels: int, gap: float = 1.0, us: float = 10.0) -> list[Interval]:
+    """One graph replay: ``kernels`` kernels of ``us`` each, ``gap`` apart, all with the launch id ``launch``."""
+    return [Interval(f"k{i}", start + i * (us + gap), start + i * (us + gap) + us, launch) for i in range(kernels)]
+
+
+def test_idle_is_split_between_inside_the_graph_replays_and_between_them():
+    # stage 0-10_000 us: setup kernels at 100 (own launch ids), replays of 60 kernels (659 us each) at 1000, 1700
+    # (41 us after the first), 2459 (100 us after the second, with a 30 us copy between: 70 us idle)
+    setup = [Interval("memcpy", 100, 110, 1), Interval("scale", 200, 205, 2)]
+    first, second, third = _replay(10, 1000, 60), _replay(11, 1700, 60), _replay(12, 2459, 60)
+    between = [Interval("Memcpy DtoD", 2400, 2430, 13)]
+    stray = [Interval("sched", 3300, 3310, 14)]  # after the last replay: idle of the stage, not between replays
+    items = setup + first + second + third + between + stray
+    split = graph_launch_idle(items, [0, 10_000], ["base_denoising", "end"])["base_denoising"]
+    assert split["launches"] == 3 and split["kernels_median"] == 60
+    assert split["inside_idle_ms"] == pytest.approx(3 * 59 * 1.0 / 1e3)  # 59 one-us gaps per replay
+    assert split["between_idle_ms"] == pytest.approx((41 + 70) / 1e3)
+    assert split["between_idle_ms_median"] == pytest.approx(0.07)
+    assert split["between_idle_ms_max"] == pytest.approx(0.07)
+    assert split["before_first_idle_ms"] == pytest.approx((1000 - 15) / 1e3)
+    s = summarize(items, [0, 10_000], ["base_denoising", "end"])
+    assert s["stages"]["base_denoising"]["graph_launches"] == split
+    assert "base_denoising graph replays: 3 of ~60 kernels; idle inside 0.2 ms, between 0.1 ms (median 70 us" \
+        in format_profile(s)
+
+
+def test_launches_below_a_graphs_size_or_without_ids_are_not_replays():
+    kernels = _replay(0, 0, 80) + _replay(0, 1000, 80)  # no launch ids (a CPU profile, say)
+    assert graph_launch_idle(kernels, [0, 5000], ["base_denoising", "end"]) == {}
+    small = _replay(1, 0, 10) + _replay(2, 1000, 10)  # eager launches: one kernel per id, or a few
+    assert graph_launch_idle(small, [0, 5000], ["base_denoising", "end"]) == {}
+    one = _replay(1, 0, 80)  # a stage replayed once has no boundary to measure
+    assert graph_launch_idle(one, [0, 5000], ["vae_decode", "end"]) == {}
+    assert "graph_launches" not in summarize(one, [0, 5000], ["vae_decode", "end"])["stages"]["vae_decode"]
