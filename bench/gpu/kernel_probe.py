@@ -7,7 +7,9 @@ replays with device events and counts the memsets the profiler sees in one repla
 the two UNets and the VAE (SDPA's cuDNN, FlashAttention-2 and memory-efficient backends, and the classic
 matmul-softmax-matmul), the GEGLU GEMMs (bf16, fp8 row-wise and tensor-wise scaled) and 3x3 convolutions (cuDNN
 autotuned or heuristic). Each variant is checked against a float64 reference on fresh random inputs first (the
-VAE's full-resolution convolution only for finiteness: its float64 reference would take seconds).
+VAE's full-resolution convolution only for finiteness: its float64 reference would take seconds). First, it asks
+whether replaying a UNet-step-sized CUDA graph while its previous replay runs holds the host, and so leaves the
+device idle at step boundaries (:func:`probe_relaunch`: the same graph each step against two copies in turn).
 
     python bench/gpu/kernel_probe.py [--out probe.json]     # about a minute on an H100
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -176,6 +179,81 @@ def probe_convs() -> list[dict]:
     return rows
 
 
+# A graph shaped like one base UNet step under CUDA graphs (run 6: ~1,450 kernels, ~28 ms): GEMMs of ~20 us each.
+RELAUNCH_KERNELS = 1450
+RELAUNCH_SIDE = 2048
+RELAUNCHES = 12
+
+
+def _busy_wait(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def probe_relaunch(host_work_ms: float = 1.0) -> list[dict]:
+    """Does replaying a CUDA graph while its previous replay still runs hold the host, so that the device idles
+    at each step boundary while the host catches up? (Run 6's host spent 1,027 ms of an image inside
+    ``CUDAGraph.replay``.) A graph of ``RELAUNCH_KERNELS`` GEMMs is replayed ``RELAUNCHES`` times with
+    ``host_work_ms`` of host work between replays (a step's Python: scheduler, guards, input copies), replaying
+    the same graph each time, and two copies of it in turn. Per variant: the host's milliseconds inside
+    ``replay()`` (median, the first replay left out) and the device's idle per boundary: the device time from one
+    replay's end to the next one's, less the graph's own time (measured queued behind a spin kernel)."""
+    a = torch.randn(RELAUNCH_SIDE, RELAUNCH_SIDE, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(RELAUNCH_SIDE, RELAUNCH_SIDE, device="cuda", dtype=torch.bfloat16) * RELAUNCH_SIDE ** -0.5
+    out = torch.empty_like(a)
+
+    def step() -> None:
+        for _ in range(RELAUNCH_KERNELS):
+            torch.mm(a, b, out=out)
+
+    graphs = []
+    for _ in range(2):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        graphs.append(graph)
+    torch.cuda.synchronize()
+    own = []
+    for _ in range(3):  # queued behind a spin, the replay runs as fast as the graph itself
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(50_000_000)
+        start.record()
+        graphs[0].replay()
+        end.record()
+        end.synchronize()
+        own.append(start.elapsed_time(end))
+    own_ms = min(own)
+    rows = []
+    for label, use, work in (("same graph, no host work", graphs[:1], 0.0),
+                             (f"same graph, {host_work_ms:g} ms host work", graphs[:1], host_work_ms),
+                             (f"two graphs in turn, {host_work_ms:g} ms host work", graphs, host_work_ms)):
+        torch.cuda.synchronize()
+        ends, in_replay = [], []
+        for i in range(RELAUNCHES):
+            t0 = time.perf_counter()
+            use[i % len(use)].replay()
+            in_replay.append((time.perf_counter() - t0) * 1e3)
+            ends.append(torch.cuda.Event(enable_timing=True))
+            ends[-1].record()
+            if i < RELAUNCHES - 1:
+                _busy_wait(work)
+        ends[-1].synchronize()
+        boundaries = [x.elapsed_time(y) - own_ms for x, y in zip(ends, ends[1:])]
+        row = {"op": "relaunch", "shape": f"{RELAUNCH_KERNELS} GEMMs {own_ms:.1f} ms", "variant": label,
+               "graph_ms": own_ms, "host_ms_in_replay": statistics.median(in_replay[1:]),
+               "idle_us_per_boundary": statistics.median(boundaries) * 1e3}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the rows as JSON here too")
@@ -183,7 +261,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("kernel_probe needs a CUDA GPU (it times kernels inside CUDA graphs)")
     torch.manual_seed(0)
+    relaunch = probe_relaunch()
     rows = probe_attention(torch.bfloat16) + probe_gemms() + probe_convs()
+    print(f"\n{'graph relaunch':34s} {'variant':34s} {'graph ms':>9s} {'host ms in replay':>18s} "
+          f"{'idle us/boundary':>17s}")
+    for r in relaunch:
+        print(f"{r['shape']:34s} {r['variant']:34s} {r['graph_ms']:9.2f} {r['host_ms_in_replay']:18.2f} "
+              f"{r['idle_us_per_boundary']:17.1f}")
     print(f"\n{'op / shape':34s} {'variant':16s} {'us/call':>9s} {'TFLOP/s':>8s} {'memsets':>8s} {'rel err':>9s}")
     for r in rows:
         head = f"{r['op'] + ' ' + r['shape']:34s} {r['variant']:16s}"
@@ -195,7 +279,8 @@ def main() -> None:
             print(f"{head} {r['us']:9.1f} {r['tflops']:8.0f} {r['memsets']:8.2f} {err}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "relaunch": relaunch,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
