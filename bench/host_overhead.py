@@ -31,7 +31,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CUDA_ONLY = dict(dtype="float32", fp8_geglu=False, compile_mode=None, compile_text_encoders=False, cudnn=False)
+CUDA_ONLY = dict(dtype="float32", fp8_geglu=False, compile_mode=None, compile_text_encoders=False, cudnn=False,
+                 flash_cross_attention=False)  # FlashAttention: fp16/bf16 only, and a kernel choice, not host work
 PARTS = ("text", "base_start", "refiner_start", "vae_to_end")
 
 
