@@ -41,8 +41,11 @@ ATTENTION_SHAPES = [
     ("refiner cross 32x32", 2, 24, 1024, 77, 64),
     ("vae mid 128x128", 1, 1, 16384, 16384, 512),
 ]
-# (name, tokens, in features, out features): the GEGLU projections of the base's two transformer levels.
-GEMM_SHAPES = [("geglu 32x32", 2048, 1280, 10240), ("geglu 64x64", 8192, 640, 5120)]
+# (name, tokens, in features, out features): the GEGLU input projections of the base's two transformer levels (fp8
+# in the levels from `fp8` on), and the feed-forward's output projections after them (bf16: the H200 probe of run 3
+# put fp8 at ~1.1x there, before quantising their inputs).
+GEMM_SHAPES = [("geglu 32x32", 2048, 1280, 10240), ("geglu 64x64", 8192, 640, 5120),
+               ("ff out 32x32", 2048, 5120, 1280), ("ff out 64x64", 8192, 2560, 640)]
 # (name, batch, channels in, channels out, side): 3x3 convolutions of the base's ResNets and the VAE's last level.
 CONV_SHAPES = [("base conv 128x128", 2, 320, 320, 128), ("base conv 64x64", 2, 640, 640, 64),
                ("base conv 32x32", 2, 1280, 1280, 32), ("vae conv 1024x1024", 1, 128, 128, 1024)]
