@@ -41,7 +41,9 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _provider_class() -> type:
+@functools.cache
+def provider_class() -> type:
+    """The :class:`UploadingEmbeddingsProvider` class (made at first use: compel is imported then)."""
     from compel.embeddings_provider import (DownweightMode, EmbeddingsProvider, ReturnedEmbeddingsType,
                                             SplitLongTextMode, _get_pooled_output_from_text_encoder_output)
 
@@ -128,12 +130,6 @@ def _provider_class() -> type:
             return (pooled, token_ids) if return_tokens else pooled
 
     return UploadingEmbeddingsProvider
-
-
-@functools.cache
-def provider_class() -> type:
-    """The :class:`UploadingEmbeddingsProvider` class (made at first use: compel is imported then)."""
-    return _provider_class()
 
 
 def use_uploads(compel: Any) -> int:
