@@ -218,6 +218,8 @@ class CrossKVCache(nn.Module):
         self.projections_run = 0  # how many times the keys and values were computed (the tests read it)
         self.skip_zero_text = False  # set by install() when every layer allows it
         self.zero_rows: tuple[int, ...] = ()
+        self._claim: tuple[int, ...] | None = None  # see claim_zero_rows
+        self._unverified: list[tuple[tuple[int, ...], torch.Tensor]] = []
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -235,7 +237,12 @@ class CrossKVCache(nn.Module):
             return self._packed
         from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
-        if self.skip_zero_text:  # its host sync first, so the projections below run while the host goes on
+        if self.skip_zero_text and self._claim is not None:  # no host sync: checked on the device, read later
+            claim, self._claim = self._claim, None
+            self._apply_zero_rows(claim)
+            if claim:
+                self._unverified.append((claim, encoder_hidden_states[list(claim)].eq(0).all()))
+        elif self.skip_zero_text:  # its host sync first, so the projections below run while the host goes on
             self._set_zero_rows(encoder_hidden_states)
         # As the UNet's forward scales its PEFT LoRA layers around its own call, but only the LoRA layers these
         # projections run: two walks over the whole UNet's modules cost milliseconds at every stage start, on the
@@ -257,12 +264,32 @@ class CrossKVCache(nn.Module):
         """Find the batch rows whose text embeddings are all zeros (one host sync per new text) and tell the
         processors. An unchanged set keeps the same tuple object, so a compiled UNet's guards keep holding."""
         nonzero = (encoder_hidden_states.reshape(encoder_hidden_states.shape[0], -1) != 0).any(dim=1).tolist()
-        rows = tuple(i for i, nz in enumerate(nonzero) if not nz)
+        self._apply_zero_rows(tuple(i for i, nz in enumerate(nonzero) if not nz))
+
+    def _apply_zero_rows(self, rows: tuple[int, ...]) -> None:
         if rows == self.zero_rows:
             return
         self.zero_rows = rows
         for attn in self.layers:
             attn.processor.zero_rows = rows
+
+    def claim_zero_rows(self, rows: tuple[int, ...] | None) -> None:
+        """Say which batch rows of the next new text are all zeros, known from how the caller made it (SDXL's base
+        zeroes the unconditional half when there is no negative prompt), so the cache need not ask the device (a
+        host sync, with the device idle while the stage's host work that follows runs). Rows claimed zero are
+        still checked, on the device; :meth:`verify_claims` reads the checks. Claiming a zero row as not zero is
+        safe: attention over zero keys and values gives ``to_out(0)``, which a skipped row gets. ``None`` withdraws
+        an unused claim."""
+        self._claim = None if rows is None else tuple(sorted(rows))
+
+    def verify_claims(self) -> None:
+        """Raise if a row claimed zero since the last call was not (one host sync if there is anything to read):
+        the images made since then attended wrongly."""
+        checks, self._unverified = self._unverified, []
+        wrong = [claim for claim, ok in checks if not bool(ok)]
+        if wrong:
+            raise RuntimeError(f"cross K/V cache: batch rows {wrong[0]} were claimed all zeros (claim_zero_rows) and "
+                               f"were not; the images made since the claim skipped their cross-attention wrongly")
 
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
                 cross_attention_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:

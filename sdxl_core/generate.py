@@ -201,7 +201,7 @@ def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncode
     request.check()
     s = request.settings
     if pipes.refiner is not None:
-        check_split(pipes.base.scheduler, s.steps, s.high_noise_frac)
+        base_steps, _ = check_split(pipes.base.scheduler, s.steps, s.high_noise_frac)
     device = pipes.device
     clock = clock or StageClock(device)
     prompts = [request.prompt] * request.batch_size
@@ -230,23 +230,37 @@ def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncode
     base_kwargs = dict(common, **base_text, generator=generators(),
                        cross_attention_kwargs={"scale": request.lora_scale})
     final = {"output_type": "pt"} if pipes.images_on_device else {}
+    sync_free = pipes.sync_free_stage_starts
     if pipes.refiner is None:
         latents = None
-        with _vae_mark(pipes.base.vae, clock):
+        with _vae_mark(pipes.base.vae, clock), _claims(pipes.base, base_text, request.batch_size, s, sync_free):
             images = pipes.base(**base_kwargs, **final).images
     else:
-        base_kwargs.update(denoising_end=s.high_noise_frac, output_type="latent")
-        latents = pipes.base(**base_kwargs).images
+        base_kwargs.update(output_type="latent")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_claims(pipes.base, base_text, request.batch_size, s, sync_free))
+            if sync_free:  # the same cut as denoising_end, made on the CPU (sdxl_core.stage_starts)
+                from sdxl_core.stage_starts import stopping_after
+
+                stack.enter_context(stopping_after(pipes.base.scheduler, base_steps))
+            else:
+                base_kwargs.update(denoising_end=s.high_noise_frac)
+            latents = pipes.base(**base_kwargs).images
         clock.mark("refiner_denoising")
         if pipes.empty_negative is not None:
             refiner_text = pipes.empty_negative.fill(refiner_text, s.guidance_scale)
         refiner_kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, **refiner_text,
                               denoising_start=s.high_noise_frac, image=latents, generator=generators())
-        with _vae_mark(pipes.refiner.vae, clock):
+        with _vae_mark(pipes.refiner.vae, clock), \
+                _claims(pipes.refiner, refiner_text, request.batch_size, s, sync_free):
             images = pipes.refiner(**refiner_kwargs, **final).images
     if pipes.images_on_device:
         images = pil_from_device(images)
     clock.mark("end")
+    if sync_free:
+        for pipe in (pipes.base, pipes.refiner):
+            if pipe is not None and hasattr(pipe.unet, "verify_claims"):
+                pipe.unet.verify_claims()
     return GenerationOutput(images=list(images), latents=latents, stage_seconds=clock.durations())
 
 
@@ -261,6 +275,24 @@ def pil_from_device(images: torch.Tensor) -> list[Any]:
     if pixels.shape[-1] == 1:
         return [Image.fromarray(image.squeeze(-1)) for image in pixels]  # 2-D uint8: mode "L"
     return [Image.fromarray(image) for image in pixels]
+
+
+@contextlib.contextmanager
+def _claims(pipe: Any, text: dict[str, Any], batch: int, s: Any, sync_free: bool):
+    """With ``sync_free``, tell ``pipe``'s cross K/V cache which rows of its text diffusers will make all zeros, so
+    that it need not ask the device (sdxl_core.stage_starts); an unused claim is withdrawn after the call."""
+    claim = getattr(pipe.unet, "claim_zero_rows", None) if sync_free else None
+    if claim is None:
+        yield
+        return
+    from sdxl_core.stage_starts import zero_text_rows
+
+    negative_given = text.get("negative_prompt_embeds") is not None or text.get("negative_prompt") is not None
+    claim(zero_text_rows(pipe, batch, negative_given, s.guidance_scale))
+    try:
+        yield
+    finally:
+        claim(None)
 
 
 @contextlib.contextmanager

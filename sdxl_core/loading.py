@@ -41,6 +41,9 @@ class Pipelines:
     # compel computes embeddings with its host numbers kept on the host, without host syncs
     # (sdxl_core.compel_uploads: the same embeddings).
     sync_free_compel: bool = False
+    # The denoising stages start without host syncs (sdxl_core.stage_starts): the pipelines and schedulers are
+    # switched, and generate() cuts the base's schedule on the CPU and tells the cross K/V caches the zero rows.
+    sync_free_stage_starts: bool = False
     # The refiner's embeddings of the empty negative prompt, made once (sdxl_core.host_work.EmptyNegativeCache);
     # None: diffusers encodes "" for every image.
     empty_negative: Any = None

@@ -55,6 +55,7 @@ class OptimizationLevel:
     text_encoder_graphs: bool = False
     skip_builtin_module_guards: bool = False
     sync_free_compel: bool = False
+    sync_free_stage_starts: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -157,8 +158,15 @@ def _levels() -> tuple[OptimizationLevel, ...]:
                                     "its host numbers kept on the host: token ids, weights and masks copied to the "
                                     "device from pinned memory without waiting, its decisions read from the host's "
                                     "copies, instead of 13 host syncs per image (the same embeddings, "
-                                    "sdxl_core/compel_uploads.py)",
-                        text_encoder_graphs=True, skip_builtin_module_guards=True, sync_free_compel=True)
+                                    "sdxl_core/compel_uploads.py), and the denoising stages started without host "
+                                    "syncs (61 per image), so that a stage's host work overlaps the device's work "
+                                    "before it: the schedule computed on the CPU and its timesteps copied without "
+                                    "waiting, the base's denoising_end cut made on the CPU, the micro-conditioning "
+                                    "copied from pinned memory, the zero text rows of the cross K/V cache claimed "
+                                    "by the caller and checked on the device (the same images, "
+                                    "sdxl_core/stage_starts.py)",
+                        text_encoder_graphs=True, skip_builtin_module_guards=True, sync_free_compel=True,
+                        sync_free_stage_starts=True)
     return (eager, sdpa, vae, bf16, cl, fused, cudnn, comp, graphs, best, fp8, kv, host, lean, lean_host)
 
 
@@ -387,6 +395,13 @@ def apply_level(pipes: Pipelines, level: OptimizationLevel) -> Pipelines:
     # Last, when the components are where they run: both remember what diffusers computes now.
     from sdxl_core.host_work import EmptyNegativeCache, pin_execution_device
 
+    pipes.sync_free_stage_starts = False
+    if level.sync_free_stage_starts:  # before pinning, which subclasses the pipeline class it finds
+        from sdxl_core.stage_starts import is_sync_free, sync_free_stage_start
+
+        stage_pipes = [pipe for pipe in (pipes.base, pipes.refiner) if pipe is not None]
+        pipes.kernel_backends["stage_starts"] = [sync_free_stage_start(pipe) for pipe in stage_pipes]
+        pipes.sync_free_stage_starts = all(is_sync_free(pipe) for pipe in stage_pipes)
     if level.pin_execution_device:
         for pipe in (pipes.base, pipes.refiner):
             if pipe is not None:

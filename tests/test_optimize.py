@@ -84,7 +84,7 @@ def test_levels_are_cumulative():
         for f in ("sdpa", "channels_last", "fused_qkv", "cudnn", "fp8_geglu", "packrat_parser", "cache_cross_kv",
                   "images_on_device", "pin_execution_device", "cache_empty_negative", "fast_prompt_parse",
                   "flash_cross_attention", "vae_classic_attention", "subpixel_upsample", "text_encoder_graphs",
-                  "skip_builtin_module_guards", "sync_free_compel"):
+                  "skip_builtin_module_guards", "sync_free_compel", "sync_free_stage_starts"):
             assert getattr(cur, f) >= getattr(prev, f), (cur.name, f)
         assert cur.vae_upcast <= prev.vae_upcast
         if prev.compile_mode is not None:
@@ -124,6 +124,7 @@ def test_level_flag_progression():
     assert {n for n in ORDER if LEVELS[n].text_encoder_graphs} == {"lean_host"}
     assert {n for n in ORDER if LEVELS[n].skip_builtin_module_guards} == {"lean_host"}
     assert {n for n in ORDER if LEVELS[n].sync_free_compel} == {"lean_host"}
+    assert {n for n in ORDER if LEVELS[n].sync_free_stage_starts} == {"lean_host"}
     assert LEVELS["bf16"].torch_dtype == torch.bfloat16 and LEVELS["eager"].torch_dtype == torch.float16
 
 
@@ -269,6 +270,7 @@ def test_lean_host_drops_builtin_module_guards_and_still_recompiles_when_the_zer
     apply_level(pipes, level)
     assert pipes.kernel_backends["guard_filter"] == "skip_guard_on_inbuilt_nn_modules_unsafe"
     assert pipes.sync_free_compel  # so compel's embeddings below come through sdxl_core.compel_uploads
+    assert pipes.sync_free_stage_starts  # and the stages start as sdxl_core.stage_starts has them
     requests = [GenerationRequest(PROMPT, SEED, None, settings=fast_settings),
                 GenerationRequest(PROMPT, SEED, "wrong", settings=fast_settings)]
     compiled = [generate(pipes, requests[0])]
