@@ -230,7 +230,7 @@ def generate(pipes: Pipelines, request: GenerationRequest, encoder: PromptEncode
     base_kwargs = dict(common, **base_text, generator=generators(),
                        cross_attention_kwargs={"scale": request.lora_scale})
     final = {"output_type": "pt"} if pipes.images_on_device else {}
-    sync_free = pipes.sync_free_stage_starts
+    sync_free = pipes.sync_free_stage_starts and _still_sync_free(pipes)
     if pipes.refiner is None:
         latents = None
         with _vae_mark(pipes.base.vae, clock), _claims(pipes.base, base_text, request.batch_size, s, sync_free):
@@ -275,6 +275,13 @@ def pil_from_device(images: torch.Tensor) -> list[Any]:
     if pixels.shape[-1] == 1:
         return [Image.fromarray(image.squeeze(-1)) for image in pixels]  # 2-D uint8: mode "L"
     return [Image.fromarray(image) for image in pixels]
+
+
+def _still_sync_free(pipes: Pipelines) -> bool:
+    """Whether the pipelines are still as the level switched them (a scheduler swapped in since is not)."""
+    from sdxl_core.stage_starts import is_sync_free
+
+    return all(is_sync_free(pipe) for pipe in (pipes.base, pipes.refiner) if pipe is not None)
 
 
 @contextlib.contextmanager

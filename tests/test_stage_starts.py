@@ -137,3 +137,13 @@ def test_zero_text_rows_follow_diffusers_rules(both):
     assert zero_text_rows(base, 2, negative_given=True, guidance_scale=13.0) == ()
     assert zero_text_rows(base, 2, negative_given=False, guidance_scale=1.0) == ()  # no guidance, no uncond half
     assert zero_text_rows(refiner, 2, negative_given=False, guidance_scale=13.0) == ()  # it encodes ""
+
+
+def test_a_scheduler_swapped_in_after_the_level_takes_diffusers_own_path():
+    pipes = load_pipelines("tiny", "tiny", device="cpu")
+    apply_level(pipes, LEVEL)
+    request = GenerationRequest("a wolf", 3, settings=SETTINGS)
+    want = generate(pipes, request).latents
+    pipes.base.scheduler = EulerDiscreteScheduler.from_config(pipes.base.scheduler.config)  # a user's swap
+    assert pipes.sync_free_stage_starts and not is_sync_free(pipes.base)
+    assert torch.equal(generate(pipes, request).latents, want)  # denoising_end again, the same latents
