@@ -30,7 +30,7 @@ import torch
 
 from sdxl_core.errors import InvalidConfigError
 
-_HOST = torch.device("cpu")
+HOST = torch.device("cpu")
 
 
 def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -56,7 +56,7 @@ def provider_class() -> type:
                     and self.returned_embeddings_type != ReturnedEmbeddingsType.POOLED
                     and SplitLongTextMode.MERGE_CLS_TOKENS not in self.split_long_text_mode
                     and len(text_batch) == len(weights_batch)
-                    and self.get_dtype_for_device(device) == self.get_dtype_for_device(_HOST))
+                    and self.get_dtype_for_device(device) == self.get_dtype_for_device(HOST))
 
         def get_embeddings_for_weighted_prompt_fragments(self, text_batch: list[list[str]],
                                                          fragment_weights_batch: list[list[float]],
@@ -69,7 +69,7 @@ def provider_class() -> type:
             batch_z = batch_tokens = None
             for fragments, weights in zip(text_batch, fragment_weights_batch):
                 host_tokens, host_weights, host_mask = self.get_token_ids_and_expand_weights(fragments, weights,
-                                                                                            device=_HOST)
+                                                                                            device=HOST)
                 tokens, per_token_weights, mask = (upload(t, device) for t in (host_tokens, host_weights, host_mask))
                 embeddings = self._weighted(tokens, per_token_weights, host_weights, mask, device).unsqueeze(0)
                 per_embedding_weights = [1.0]
@@ -87,7 +87,7 @@ def provider_class() -> type:
                     else:
                         ids, token_weights, _ = self.get_token_ids_and_expand_weights(
                             fragments[:index] + fragments[index + 1:], weights[:index] + weights[index + 1:],
-                            device=_HOST)
+                            device=HOST)
                         without = self._weighted(upload(ids, device), upload(token_weights, device), token_weights,
                                                  None, device)
                     embeddings = torch.cat((embeddings, without.unsqueeze(0)), dim=1)

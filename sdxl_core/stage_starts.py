@@ -32,16 +32,14 @@ from typing import Any, Iterator
 
 import torch
 
-from sdxl_core.compel_uploads import upload
-
-_HOST = torch.device("cpu")
+from sdxl_core.compel_uploads import HOST, upload
 
 
 @functools.cache
 def _scheduler_class(cls: type) -> type:
     def set_timesteps(self: Any, num_inference_steps: int | None = None, device: Any = None, *args: Any,
                       **kwargs: Any) -> None:
-        cls.set_timesteps(self, num_inference_steps, _HOST, *args, **kwargs)
+        cls.set_timesteps(self, num_inference_steps, HOST, *args, **kwargs)
         host = self.timesteps
         if self.stop_after is not None:
             host = host[:self.stop_after]

@@ -70,10 +70,10 @@ def _assert_identical(got: Any, want: Any, what: str) -> None:
         for i, (g, w) in enumerate(zip(got, want)):
             _assert_identical(g, w, f"{what}[{i}]")
         return
-    assert g_same(got, want), what
+    assert _same_value(got, want), what
 
 
-def g_same(got: Any, want: Any) -> bool:
+def _same_value(got: Any, want: Any) -> bool:
     if isinstance(want, torch.Tensor):
         return isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
     return got == want

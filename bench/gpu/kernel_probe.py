@@ -53,18 +53,25 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def graph_cost(fn: Callable[[], torch.Tensor]) -> tuple[float, float]:
-    """(microseconds per call, memsets per call) of ``fn`` captured ``CALLS`` times in one CUDA graph."""
+def captured(fn: Callable[[], object], calls: int, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """``calls`` calls of ``fn`` captured in one CUDA graph, after ``warmup`` calls on a side stream (handles,
+    plans, workspaces are made outside the capture)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the capture: handles, plans, workspaces
-        for _ in range(3):
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS):
+        for _ in range(calls):
             fn()
+    return graph
+
+
+def graph_cost(fn: Callable[[], torch.Tensor]) -> tuple[float, float]:
+    """(microseconds per call, memsets per call) of ``fn`` captured ``CALLS`` times in one CUDA graph."""
+    graph = captured(fn, CALLS)
     for _ in range(3):
         graph.replay()
     times = []
@@ -206,22 +213,9 @@ def probe_relaunch(host_work_ms: float = 1.0) -> list[dict]:
     b = torch.randn(RELAUNCH_SIDE, RELAUNCH_SIDE, device="cuda", dtype=torch.bfloat16) * RELAUNCH_SIDE ** -0.5
     out = torch.empty_like(a)
 
-    def step() -> None:
-        for _ in range(RELAUNCH_KERNELS):
-            torch.mm(a, b, out=out)
-
-    graphs = []
-    for _ in range(2):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+    graphs = [captured(lambda: torch.mm(a, b, out=out), RELAUNCH_KERNELS, warmup=1) for _ in range(2)]
+    for graph in graphs:
         graph.replay()
-        graphs.append(graph)
     torch.cuda.synchronize()
     own = []
     for _ in range(3):  # queued behind a spin, the replay runs as fast as the graph itself
