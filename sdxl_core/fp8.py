@@ -76,8 +76,10 @@ class Fp8Linear(nn.Module):
 
 
 def check_fp8_device(device: torch.device) -> None:
-    """Raise unless ``device`` can run fp8 ``_scaled_mm`` (CUDA compute capability 8.9+, or the CPU)."""
+    """Raise unless ``device`` can run fp8 ``_scaled_mm`` (CUDA compute capability 8.9+, or a CPU build of torch
+    whose ``_scaled_mm`` takes row-wise scales: torch 2.14's does, 2.11's takes only one scale per operand)."""
     if device.type == "cpu":
+        _check_cpu_rowwise()
         return
     if device.type != "cuda":
         raise InvalidConfigError(f"fp8 GEMMs run on CUDA (compute capability 8.9+) or the CPU, not {device.type}; "
@@ -87,6 +89,18 @@ def check_fp8_device(device: torch.device) -> None:
         raise InvalidConfigError(
             f"fp8 GEMMs need CUDA compute capability 8.9+ (Ada, Hopper or newer); {torch.cuda.get_device_name(device)}"
             f" has {major}.{minor}; choose a level without fp8 (e.g. max)")
+
+
+def _check_cpu_rowwise() -> None:
+    """One 16x16 row-wise scaled product on the CPU: older builds fail it with an internal assert."""
+    values, scale = quantize_rowwise(torch.ones(16, 16))
+    try:
+        torch._scaled_mm(values, values.t(), scale_a=scale, scale_b=scale.reshape(1, -1), out_dtype=torch.bfloat16)
+    except RuntimeError as exc:
+        raise InvalidConfigError(
+            f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales ({str(exc).splitlines()[0][:160]}); "
+            f"run the fp8 levels on CUDA (compute capability 8.9+), on the CPU with a newer torch (2.14 has them), "
+            f"or choose a level without fp8 (e.g. max)") from exc
 
 
 def convert_geglu_projections(unet: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:

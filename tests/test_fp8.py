@@ -104,6 +104,21 @@ def test_check_fp8_device():
         check_fp8_device(torch.device("meta"))
 
 
+def test_check_fp8_device_refuses_a_cpu_build_without_rowwise_scales(monkeypatch):
+    """torch 2.11's CPU build asserts "_scaled_mm only supports per-tensor scaling" at the first row-wise product
+    (seen with the GPU image's versions, reports/gpu/NOTES.md); the level refuses before converting anything."""
+    def per_tensor_only(a, b, scale_a=None, scale_b=None, **kwargs):
+        if scale_a.numel() != 1 or scale_b.numel() != 1:
+            raise RuntimeError("(scale_a.numel() == 1 && scale_b.numel() == 1) INTERNAL ASSERT FAILED at "
+                               "\"Linear.cpp\":516. Now _scaled_mm only supports per-tensor scaling for CPU backend.")
+        return (a.float() @ b.float() * scale_a * scale_b).to(kwargs["out_dtype"])
+
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    with pytest.raises(InvalidConfigError, match=r"CPU _scaled_mm takes no row-wise scales \(\(scale_a.*run the fp8 "
+                                                 r"levels on CUDA.*choose a level without fp8"):
+        check_fp8_device(torch.device("cpu"))
+
+
 def test_fp8_geglu_compiles_fullgraph():
     """The fp8 level compiles the UNets with fullgraph=True: a converted FeedForward must trace without graph
     breaks (inductor on the CPU here; the CUDA lowering is checked by the GPU run) and give the eager result."""
