@@ -41,3 +41,16 @@ def test_shapes_are_sdxl_s_at_1024():
 def test_refuses_without_a_gpu():
     proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_a_failing_section_is_an_error_row_and_the_others_still_run(capsys):
+    probe = _probe()
+
+    def broken() -> list[dict]:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    rows = probe.section("relaunch", broken) + probe.section("gemm", lambda: [{"op": "gemm", "us": 1.0}])
+    assert rows == [{"op": "relaunch", "shape": "-", "variant": "-",
+                     "error": "RuntimeError: CUDA error: operation not permitted when stream is capturing"},
+                    {"op": "gemm", "us": 1.0}]
+    assert '"error": "RuntimeError: CUDA error' in capsys.readouterr().out

@@ -251,6 +251,17 @@ def probe_relaunch(host_work_ms: float = 1.0) -> list[dict]:
     return rows
 
 
+def section(op: str, probe: Callable[[], list[dict]]) -> list[dict]:
+    """``probe()``'s rows, or one error row for ``op`` if it raises part-way (its printed rows stay printed): the
+    probe is one call on a lent card, so one failing part must not cost the others their measurements."""
+    try:
+        return probe()
+    except Exception as exc:
+        row = {"op": op, "shape": "-", "variant": "-", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+        print(json.dumps(row), flush=True)
+        return [row]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the rows as JSON here too")
@@ -258,11 +269,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("kernel_probe needs a CUDA GPU (it times kernels inside CUDA graphs)")
     torch.manual_seed(0)
-    relaunch = probe_relaunch()
-    rows = probe_attention(torch.bfloat16) + probe_gemms() + probe_convs()
+    relaunch = section("relaunch", probe_relaunch)
+    rows = (section("attention", lambda: probe_attention(torch.bfloat16)) + section("gemm", probe_gemms)
+            + section("conv", probe_convs))
     print(f"\n{'graph relaunch':34s} {'variant':34s} {'graph ms':>9s} {'host ms in replay':>18s} "
           f"{'idle us/boundary':>17s}")
     for r in relaunch:
+        if "error" in r:
+            print(f"{'relaunch':34s} failed: {r['error']}")
+            continue
         print(f"{r['shape']:34s} {r['variant']:34s} {r['graph_ms']:9.2f} {r['host_ms_in_replay']:18.2f} "
               f"{r['idle_us_per_boundary']:17.1f}")
     print(f"\n{'op / shape':34s} {'variant':16s} {'us/call':>9s} {'TFLOP/s':>8s} {'memsets':>8s} {'rel err':>9s}")
