@@ -106,7 +106,8 @@ def test_check_fp8_device():
 
 def test_check_fp8_device_refuses_a_cpu_build_without_rowwise_scales(monkeypatch):
     """torch 2.11's CPU build asserts "_scaled_mm only supports per-tensor scaling" at the first row-wise product
-    (seen with the GPU image's versions, reports/gpu/NOTES.md); the level refuses before converting anything."""
+    (seen with the GPU image's versions, reports/gpu/NOTES.md); the check, which apply_level makes before it
+    converts any layer, refuses such a build with the fixes."""
     def per_tensor_only(a, b, scale_a=None, scale_b=None, **kwargs):
         if scale_a.numel() != 1 or scale_b.numel() != 1:
             raise RuntimeError("(scale_a.numel() == 1 && scale_b.numel() == 1) INTERNAL ASSERT FAILED at "
