@@ -16,6 +16,12 @@ all. Per image:
 * ``vae_to_end``: from the VAE's first layer to the image in hand.
 
 Prints the medians in milliseconds; ``--out`` writes them as JSON with the machine and settings.
+
+``--host-reads`` also lists, per level, the operations of one image that read a tensor's values on the host
+(``item``, ``bool``, ``nonzero``, ...) by the line that asks (:class:`HostReads`). On a GPU each is a host sync
+when its tensor is on the device. On this CPU every tensor is a host tensor, so the list holds candidates, and
+the line says which tensor it reads. It does not see ``tolist()`` (no dispatched op) or copies to the host (none on
+a CPU), and the skeleton's text encoders run uncompiled here, where transformers reads the padding mask.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import os
 import platform
 import statistics
 import time
+import traceback
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +54,43 @@ def build(level_name: str):
     base, refiner = build_sdxl_random(device="cpu", dtype=torch.float32, configs=SKELETON_CONFIGS)
     pipes = Pipelines(base, refiner, "skeleton", "skeleton", None)
     return apply_level(pipes, dataclasses.replace(get_level(level_name), **CUDA_ONLY))
+
+
+# Operations that read a tensor's values on the host: item/bool/int/float of a tensor go through
+# _local_scalar_dense; the others have an output size that depends on the values.
+HOST_READ_OPS = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique2",
+                           "unique_dim", "unique_consecutive", "allclose"})
+
+
+def _host_reads_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        """Counts :data:`HOST_READ_OPS` calls by the innermost calling line outside torch (``hits``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hits: Counter[tuple[str, str]] = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func.overloadpacket.__name__
+            if op in HOST_READ_OPS:
+                caller = traceback.extract_stack()[:-1]  # without this frame
+                frame = next(f for f in reversed(caller) if "/torch/" not in f.filename)
+                self.hits[(op, f"{_short(frame.filename)}:{frame.lineno}")] += 1
+            return func(*args, **(kwargs or {}))
+
+    return HostReads()
+
+
+def _short(filename: str) -> str:
+    """The path from its package on: ``diffusers/...``, ``sdxl_core/...``, ``bench/...``."""
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1]
+    for package in ("sdxl_core/", "bench/"):
+        if package in filename:
+            return package + filename.split(package, 1)[1]
+    return filename
 
 
 def one_image(pipes, encoder, request) -> dict[str, float]:
@@ -83,6 +128,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--host-reads", action="store_true", help="also list each level's host reads of one image")
     args = ap.parse_args()
 
     import torch
@@ -106,11 +152,20 @@ def main() -> None:
     print(f"{'level':10s}" + "".join(f"{k:>15s}" for k in PARTS))
     for name, m in medians.items():
         print(f"{name:10s}" + "".join(f"{m[k]:15.2f}" for k in PARTS))
+    reads: dict[str, dict[str, int]] = {}
+    if args.host_reads:
+        for name in levels:
+            with _host_reads_mode() as scan:
+                one_image(pipes[name], encoders[name], request)
+            reads[name] = {f"{op} {where}": n for (op, where), n in scan.hits.most_common()}
+            print(f"{name}: {sum(reads[name].values())} host reads in one image")
+            for what, n in reads[name].items():
+                print(f"  {n:5d}  {what}")
     if args.out:
         args.out.write_text(json.dumps({"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                                                     "processor": platform.processor(), "torch": torch.__version__},
                                         "settings": vars(args) | {"out": str(args.out)}, "median_ms": medians,
-                                        "images": rows}, indent=1))
+                                        "images": rows, "host_reads": reads}, indent=1))
 
 
 if __name__ == "__main__":
