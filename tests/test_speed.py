@@ -74,6 +74,7 @@ def test_machine_info_is_the_provenance_runs_record():
 def test_default_cases_start_with_the_reference():
     cases = default_cases()
     assert cases[0] == SpeedCase("eager")
+    assert cases[1] == SpeedCase("lean_host")  # the fastest level timed on a GPU (reports/gpu/NOTES.md, runs 9-10)
     assert len({c.name for c in cases}) == len(cases)
     for c in cases:  # every fused-LoRA case has its unfused reference earlier in the list
         if c.lora == "fused":
