@@ -207,8 +207,10 @@ def probe_relaunch(host_work_ms: float = 1.0) -> list[dict]:
     ``CUDAGraph.replay``.) A graph of ``RELAUNCH_KERNELS`` GEMMs is replayed ``RELAUNCHES`` times with
     ``host_work_ms`` of host work between replays (a step's Python: scheduler, guards, input copies), replaying
     the same graph each time, and two copies of it in turn. Per variant: the host's milliseconds inside
-    ``replay()`` (median, the first replay left out) and the device's idle per boundary: the device time from one
-    replay's end to the next one's, less the graph's own time (measured queued behind a spin kernel)."""
+    ``replay()`` (median, the first replay left out), each replay's own device time (median, from an event
+    recorded just before it to one just after it) and the device's idle per boundary: from one replay's end event
+    to the next one's start event. (Run 9 derived the idle from the replays' period less one reference replay
+    queued behind a spin kernel; its replays ran 1.7-5.4 ms longer than that reference, which is not idle.)"""
     a = torch.randn(RELAUNCH_SIDE, RELAUNCH_SIDE, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(RELAUNCH_SIDE, RELAUNCH_SIDE, device="cuda", dtype=torch.bfloat16) * RELAUNCH_SIDE ** -0.5
     out = torch.empty_like(a)
@@ -232,19 +234,23 @@ def probe_relaunch(host_work_ms: float = 1.0) -> list[dict]:
                              (f"same graph, {host_work_ms:g} ms host work", graphs[:1], host_work_ms),
                              (f"two graphs in turn, {host_work_ms:g} ms host work", graphs, host_work_ms)):
         torch.cuda.synchronize()
-        ends, in_replay = [], []
+        starts, ends, in_replay = [], [], []
         for i in range(RELAUNCHES):
-            t0 = time.perf_counter()
-            use[i % len(use)].replay()
-            in_replay.append((time.perf_counter() - t0) * 1e3)
+            starts.append(torch.cuda.Event(enable_timing=True))
             ends.append(torch.cuda.Event(enable_timing=True))
+            t0 = time.perf_counter()
+            starts[-1].record()
+            use[i % len(use)].replay()
             ends[-1].record()
+            in_replay.append((time.perf_counter() - t0) * 1e3)
             if i < RELAUNCHES - 1:
                 _busy_wait(work)
         ends[-1].synchronize()
-        boundaries = [x.elapsed_time(y) - own_ms for x, y in zip(ends, ends[1:])]
+        replay_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        boundaries = [e.elapsed_time(s) for e, s in zip(ends, starts[1:])]
         row = {"op": "relaunch", "shape": f"{RELAUNCH_KERNELS} GEMMs {own_ms:.1f} ms", "variant": label,
-               "graph_ms": own_ms, "host_ms_in_replay": statistics.median(in_replay[1:]),
+               "graph_ms": own_ms, "replay_ms": statistics.median(replay_ms),
+               "host_ms_in_replay": statistics.median(in_replay[1:]),
                "idle_us_per_boundary": statistics.median(boundaries) * 1e3}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -272,13 +278,14 @@ def main() -> None:
     relaunch = section("relaunch", probe_relaunch)
     rows = (section("attention", lambda: probe_attention(torch.bfloat16)) + section("gemm", probe_gemms)
             + section("conv", probe_convs))
-    print(f"\n{'graph relaunch':34s} {'variant':34s} {'graph ms':>9s} {'host ms in replay':>18s} "
+    print(f"\n{'graph relaunch':34s} {'variant':34s} {'graph ms':>9s} {'replay ms':>10s} {'host ms in replay':>18s} "
           f"{'idle us/boundary':>17s}")
     for r in relaunch:
         if "error" in r:
             print(f"{'relaunch':34s} failed: {r['error']}")
             continue
-        print(f"{r['shape']:34s} {r['variant']:34s} {r['graph_ms']:9.2f} {r['host_ms_in_replay']:18.2f} "
+        print(f"{r['shape']:34s} {r['variant']:34s} {r['graph_ms']:9.2f} {r['replay_ms']:10.2f} "
+              f"{r['host_ms_in_replay']:18.2f} "
               f"{r['idle_us_per_boundary']:17.1f}")
     print(f"\n{'op / shape':34s} {'variant':16s} {'us/call':>9s} {'TFLOP/s':>8s} {'memsets':>8s} {'rel err':>9s}")
     for r in rows:
