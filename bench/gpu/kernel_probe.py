@@ -238,11 +238,11 @@ def probe_relaunch(host_work_ms: float = 1.0) -> list[dict]:
         for i in range(RELAUNCHES):
             starts.append(torch.cuda.Event(enable_timing=True))
             ends.append(torch.cuda.Event(enable_timing=True))
-            t0 = time.perf_counter()
             starts[-1].record()
+            t0 = time.perf_counter()
             use[i % len(use)].replay()
-            ends[-1].record()
             in_replay.append((time.perf_counter() - t0) * 1e3)
+            ends[-1].record()
             if i < RELAUNCHES - 1:
                 _busy_wait(work)
         ends[-1].synchronize()
